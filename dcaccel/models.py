@@ -1,0 +1,118 @@
+"""Pipelines from configs kept in the repo (random weights) or from a local diffusers directory.
+
+Compute cost does not depend on weight values, so the real SD 1.5 / SD 2.1 / SDXL architectures with random
+weights measure speed honestly; the images they draw are noise. Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")
+TASKS = ("text2img", "img2img", "inpaint")
+
+_PIPELINES = {
+    ("sd", "text2img"): "StableDiffusionPipeline",
+    ("sd", "img2img"): "StableDiffusionImg2ImgPipeline",
+    ("sd", "inpaint"): "StableDiffusionInpaintPipeline",
+    ("sdxl", "text2img"): "StableDiffusionXLPipeline",
+    ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
+    ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+}
+
+
+def architecture_config(arch: str) -> dict:
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose from {list(ARCHITECTURES)}")
+    return json.loads(resources.files("dcaccel.configs").joinpath(f"{arch}.json").read_text())
+
+
+def build_tokenizer(model_max_length: int = 77):
+    """A character-level CLIP tokenizer (the byte-level alphabet, no merges): needs no download."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars + [c + "</w>" for c in chars]:
+        vocab[c] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def build_components(arch: str, seed: int = 0) -> dict:
+    """The components of an `arch` pipeline with random weights drawn from `seed`."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = architecture_config(arch)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        comps = {
+            "unet": diffusers.UNet2DConditionModel(**cfg["unet"]),
+            "vae": diffusers.AutoencoderKL(**cfg["vae"]),
+            "scheduler": diffusers.DDIMScheduler(**cfg["scheduler"]),
+            "tokenizer": build_tokenizer(),
+        }
+        if cfg["family"] == "sd":
+            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+            comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+            comps["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+            comps["tokenizer_2"] = build_tokenizer()
+    for m in comps.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    return comps
+
+
+def family_of(pipe_or_unet) -> str:
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    return "sdxl" if unet.config.addition_embed_type == "text_time" else "sd"
+
+
+def pipeline_class(family: str, task: str):
+    import diffusers
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
+    return getattr(diffusers, _PIPELINES[(family, task)])
+
+
+def build_pipeline(arch: str = "tiny", task: str = "text2img", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A pipeline of the embedded architecture `arch` with random (untrained) weights."""
+    cfg = architecture_config(arch)
+    comps = build_components(arch, seed)
+    pipe = pipeline_class(cfg["family"], task)(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):
+    """`model` is an embedded architecture name or a local diffusers pipeline directory (never a hub id)."""
+    if model in ARCHITECTURES:
+        return build_pipeline(model, task, dtype=dtype)
+    if not os.path.isdir(model):
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local pipeline directory nor an embedded architecture {list(ARCHITECTURES)}"
+        )
+    with open(os.path.join(model, "model_index.json")) as f:
+        index = json.load(f)
+    family = "sdxl" if "text_encoder_2" in index else "sd"
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    pipe = pipeline_class(family, task).from_pretrained(model, torch_dtype=dtype, local_files_only=True, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def default_resolution(arch_or_pipe) -> int:
+    if isinstance(arch_or_pipe, str):
+        return architecture_config(arch_or_pipe)["resolution"]
+    return arch_or_pipe.unet.config.sample_size * arch_or_pipe.vae_scale_factor

@@ -1,0 +1,300 @@
+"""FullUNet / ShallowUNet: a diffusers UNet2DConditionModel cut at a DeepCache skip branch.
+
+Both are plain nn.Modules (tensors in, tensors out, no hooks, no Python-side state) that share the U-Net's
+submodules, so they can be compiled, exported to ONNX or built into engines on their own.
+
+Branch numbering is the reference's `cache_branch_id`: block = branch // 3, layer = branch % 3, with down blocks
+counted from the input side and up blocks (and their resnet/attention pairs) counted in reverse. On a cached
+step the reference runs the stem, every down block shallower than `block`, the first `layer` pairs of
+down_blocks[block], the up pairs of the matching up block with reversed index <= `layer` (and its upsampler),
+every shallower up block, and the output head. What those up modules need from the deep part is one tensor:
+the hidden state entering the first of them. FullUNet returns it as `feature`; ShallowUNet takes it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BRANCHES_PER_BLOCK = 3
+SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+SUPPORTED_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+SUPPORTED_MID = ("UNetMidBlock2DCrossAttn",)
+
+
+def num_branches(unet) -> int:
+    """Valid branches are 0 .. num_branches(unet) - 1 (12 for SD 1.5 / 2.1, 9 for SDXL)."""
+    check_unet(unet)
+    return BRANCHES_PER_BLOCK * len(unet.down_blocks)
+
+
+def check_unet(unet) -> None:
+    """Raise a clear error if `unet` is not a U-Net this split reproduces exactly."""
+    from diffusers import UNet2DConditionModel
+
+    if not isinstance(unet, UNet2DConditionModel):
+        raise TypeError(
+            f"unsupported model {type(unet).__name__}: dcaccel splits diffusers' UNet2DConditionModel "
+            "(Stable Diffusion 1.x, 2.x and SDXL)"
+        )
+    cfg = unet.config
+    problems = []
+    if cfg.class_embed_type is not None:
+        problems.append(f"class_embed_type={cfg.class_embed_type!r} (only None)")
+    if cfg.addition_embed_type not in (None, "text_time"):
+        problems.append(f"addition_embed_type={cfg.addition_embed_type!r} (only None or 'text_time' as in SDXL)")
+    if getattr(unet, "encoder_hid_proj", None) is not None:
+        problems.append("encoder_hid_proj (IP-Adapter style projections are not supported)")
+    if getattr(cfg, "time_cond_proj_dim", None) is not None:
+        problems.append("time_cond_proj_dim (LCM-distilled U-Nets; use LCM-LoRA on a standard U-Net instead)")
+    down = [type(b).__name__ for b in unet.down_blocks]
+    up = [type(b).__name__ for b in unet.up_blocks]
+    if any(d not in SUPPORTED_DOWN for d in down):
+        problems.append(f"down blocks {down} (supported: {list(SUPPORTED_DOWN)})")
+    if any(u not in SUPPORTED_UP for u in up):
+        problems.append(f"up blocks {up} (supported: {list(SUPPORTED_UP)})")
+    if type(unet.mid_block).__name__ not in SUPPORTED_MID:
+        problems.append(f"mid block {type(unet.mid_block).__name__} (supported: {list(SUPPORTED_MID)})")
+    if len(unet.down_blocks) != len(unet.up_blocks):
+        problems.append("different numbers of down and up blocks")
+    for i, block in enumerate(unet.up_blocks):
+        if len(block.resnets) != BRANCHES_PER_BLOCK:
+            problems.append(
+                f"up_blocks[{i}] has {len(block.resnets)} resnets; DeepCache's branch numbering (3 per block) "
+                "needs layers_per_block=2, as in SD 1.x, 2.x and SDXL"
+            )
+            break
+    if problems:
+        raise ValueError("unsupported UNet2DConditionModel configuration: " + "; ".join(problems))
+
+
+def _check_freeu(up_blocks) -> None:
+    for block in up_blocks:
+        if all(getattr(block, k, None) for k in ("s1", "s2", "b1", "b2")):
+            raise ValueError("FreeU is enabled on this U-Net; call pipe.disable_freeu() before dcaccel.enable")
+
+
+class _Stem(nn.Module):
+    """Time (and SDXL added) embedding, and conv_in: what both graphs run first."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.time_proj = unet.time_proj
+        self.time_embedding = unet.time_embedding
+        self.time_embed_act = unet.time_embed_act
+        self.conv_in = unet.conv_in
+        self.center_input_sample = bool(unet.config.center_input_sample)
+        self.text_time = unet.config.addition_embed_type == "text_time"
+        if self.text_time:
+            self.add_time_proj = unet.add_time_proj
+            self.add_embedding = unet.add_embedding
+
+    def forward(self, sample, timestep, text_embeds=None, time_ids=None):
+        if self.center_input_sample:
+            sample = 2 * sample - 1.0
+        if timestep.dim() == 0:
+            timestep = timestep[None]
+        t_emb = self.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
+        emb = self.time_embedding(t_emb)
+        if self.text_time:
+            if text_embeds is None or time_ids is None:
+                raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
+            time_embeds = self.add_time_proj(time_ids.flatten()).reshape((text_embeds.shape[0], -1))
+            add_embeds = torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype)
+            emb = emb + self.add_embedding(add_embeds)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        return emb, self.conv_in(sample)
+
+
+class _Head(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.conv_norm_out = unet.conv_norm_out
+        self.conv_act = unet.conv_act
+        self.conv_out = unet.conv_out
+
+    def forward(self, h):
+        if self.conv_norm_out is not None:
+            h = self.conv_act(self.conv_norm_out(h))
+        return self.conv_out(h)
+
+
+def _attend(attn, h, encoder_hidden_states):
+    return attn(h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class _DownPath(nn.Module):
+    """down_blocks[:block] whole, then the first `pairs` resnet/attention pairs of down_blocks[block]."""
+
+    def __init__(self, unet, block: int, pairs: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(unet.down_blocks[:block])
+        partial = unet.down_blocks[block] if block < len(unet.down_blocks) else None
+        self.resnets = nn.ModuleList(partial.resnets[:pairs] if partial is not None else [])
+        attns = getattr(partial, "attentions", None)
+        self.attentions = nn.ModuleList(attns[:pairs]) if attns is not None and pairs else None
+
+    def forward(self, h, emb, encoder_hidden_states):
+        res = [h]
+        for block in self.blocks:
+            if getattr(block, "has_cross_attention", False):
+                h, out = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                h, out = block(hidden_states=h, temb=emb)
+            res.extend(out)
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(h, emb)
+            if self.attentions is not None:
+                h = _attend(self.attentions[i], h, encoder_hidden_states)
+            res.append(h)
+        return h, res
+
+
+class _UpPath(nn.Module):
+    """up_blocks[block] from resnet `start` on (with its upsampler), then every later up block whole.
+
+    With stop=(block, start) it instead runs up_blocks[:block] whole and the pairs of up_blocks[block] before
+    `start`: the deep part of the up path, whose output is the DeepCache feature.
+    """
+
+    def __init__(self, unet, block: int, start: int, deep: bool = False):
+        super().__init__()
+        ups = unet.up_blocks
+        self.deep = deep
+        self.blocks = nn.ModuleList(ups[:block] if deep else ups[block + 1:])
+        first = ups[block]
+        sl = slice(0, start) if deep else slice(start, None)
+        self.resnets = nn.ModuleList(first.resnets[sl])
+        attns = getattr(first, "attentions", None)
+        self.attentions = nn.ModuleList(attns[sl]) if attns is not None and len(self.resnets) else None
+        self.upsamplers = None if deep else first.upsamplers
+        # Which up blocks are followed by another (only those get upsample_size), as in UNet2DConditionModel.
+        self.final_index = len(ups) - 1
+        self.first_index = 0 if deep else block + 1
+        self.partial_index = block
+        self.num_upsamplers = unet.num_upsamplers
+
+    def _upsample_size(self, res, index, forward_size):
+        if forward_size and index != self.final_index:
+            return res[-1].shape[2:]
+        return None
+
+    def _partial(self, h, emb, res, encoder_hidden_states, forward_size):
+        for i, resnet in enumerate(self.resnets):
+            h = resnet(torch.cat([h, res.pop()], dim=1), emb)
+            if self.attentions is not None:
+                h = _attend(self.attentions[i], h, encoder_hidden_states)
+        if self.upsamplers is not None:
+            size = self._upsample_size(res, self.partial_index, forward_size)
+            for upsampler in self.upsamplers:
+                h = upsampler(h, size)
+        return h
+
+    def _whole(self, h, emb, res, encoder_hidden_states, forward_size):
+        for i, block in enumerate(self.blocks, start=self.first_index):
+            n = len(block.resnets)
+            block_res = tuple(res[-n:])
+            del res[-n:]
+            size = self._upsample_size(res, i, forward_size)
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=block_res,
+                          encoder_hidden_states=encoder_hidden_states, upsample_size=size)
+            else:
+                h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=block_res, upsample_size=size)
+        return h
+
+    def forward(self, h, emb, res, encoder_hidden_states, forward_size: bool):
+        if self.deep:
+            h = self._whole(h, emb, res, encoder_hidden_states, forward_size)
+            return self._partial(h, emb, res, encoder_hidden_states, forward_size)
+        h = self._partial(h, emb, res, encoder_hidden_states, forward_size)
+        return self._whole(h, emb, res, encoder_hidden_states, forward_size)
+
+
+def _forward_upsample_size(sample, num_upsamplers: int) -> bool:
+    factor = 2 ** num_upsamplers
+    return any(d % factor != 0 for d in sample.shape[-2:])
+
+
+def _locate(unet, branch: int):
+    n = num_branches(unet)
+    if not isinstance(branch, int) or isinstance(branch, bool) or not 0 <= branch < n:
+        raise ValueError(f"branch must be an integer in 0..{n - 1} for this U-Net ({len(unet.down_blocks)} blocks), got {branch!r}")
+    block, layer = divmod(branch, BRANCHES_PER_BLOCK)
+    up_block = len(unet.up_blocks) - 1 - block
+    start = len(unet.up_blocks[up_block].resnets) - 1 - layer
+    return block, layer, up_block, start
+
+
+class FullUNet(nn.Module):
+    """The whole U-Net; returns (noise prediction, feature), where feature is what ShallowUNet needs."""
+
+    def __init__(self, unet, branch: int = 0):
+        super().__init__()
+        block, _, up_block, start = _locate(unet, branch)
+        _check_freeu(unet.up_blocks)
+        self.branch = branch
+        self.stem = _Stem(unet)
+        self.down = _DownPath(unet, len(unet.down_blocks), 0)
+        self.mid_block = unet.mid_block
+        self.deep_up = _UpPath(unet, up_block, start, deep=True)
+        self.shallow_up = _UpPath(unet, up_block, start)
+        self.head = _Head(unet)
+        self.num_upsamplers = unet.num_upsamplers
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        forward_size = _forward_upsample_size(sample, self.num_upsamplers)
+        emb, h = self.stem(sample, timestep, text_embeds, time_ids)
+        h, res = self.down(h, emb, encoder_hidden_states)
+        h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        feature = self.deep_up(h, emb, res, encoder_hidden_states, forward_size)
+        h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
+        return self.head(h), feature
+
+
+class ShallowUNet(nn.Module):
+    """Only the shallow branch; the deep part comes in as `feature` from an earlier FullUNet call."""
+
+    def __init__(self, unet, branch: int = 0):
+        super().__init__()
+        block, layer, up_block, start = _locate(unet, branch)
+        _check_freeu(unet.up_blocks)
+        self.branch = branch
+        self.stem = _Stem(unet)
+        self.down = _DownPath(unet, block, layer)
+        self.shallow_up = _UpPath(unet, up_block, start)
+        self.head = _Head(unet)
+        self.num_upsamplers = unet.num_upsamplers
+
+    def forward(self, sample, timestep, encoder_hidden_states, feature, text_embeds=None, time_ids=None):
+        forward_size = _forward_upsample_size(sample, self.num_upsamplers)
+        emb, h = self.stem(sample, timestep, text_embeds, time_ids)
+        _, res = self.down(h, emb, encoder_hidden_states)
+        h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
+        return self.head(h)
+
+
+def split_unet(unet, branch: int = 0) -> tuple[FullUNet, ShallowUNet]:
+    """Cut `unet` at `branch`. Both graphs share the U-Net's weights (no copies)."""
+    return FullUNet(unet, branch), ShallowUNet(unet, branch)
+
+
+def feature_shape(unet, branch: int, batch: int, latent_height: int, latent_width: int) -> tuple[int, int, int, int]:
+    """Shape of the feature tensor for a static input shape, from the config alone (no forward pass).
+
+    The feature is concatenated with a skip connection before the first shallow up resnet, so it has that skip's
+    spatial size, and the resnet's input channels less the skip's channels.
+    """
+    _, _, up_block, start = _locate(unet, branch)
+    h, w = latent_height, latent_width
+    outs = [(unet.conv_in.out_channels, h, w)]
+    for block in unet.down_blocks:
+        outs += [(r.out_channels, h, w) for r in block.resnets]
+        if block.downsamplers is not None:
+            h, w = (h + 1) // 2, (w + 1) // 2  # stride-2 conv with padding 1
+            outs.append((block.downsamplers[0].out_channels, h, w))
+    consumed = sum(len(b.resnets) for b in unet.up_blocks[:up_block]) + start
+    skip_c, skip_h, skip_w = outs[len(outs) - 1 - consumed]
+    channels = unet.up_blocks[up_block].resnets[start].in_channels - skip_c
+    return (batch, channels, skip_h, skip_w)
