@@ -267,7 +267,14 @@ class ShallowUNet(nn.Module):
         self.head = _Head(unet)
         self.num_upsamplers = unet.num_upsamplers
 
-    def forward(self, sample, timestep, encoder_hidden_states, feature, text_embeds=None, time_ids=None):
+    @property
+    def uses_encoder_hidden_states(self) -> bool:
+        """False when no cross-attention runs on the shallow branch (e.g. SDXL branches 0-2)."""
+        from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+        return any(isinstance(m, Transformer2DModel) for m in self.modules())
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None):
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
         emb, h = self.stem(sample, timestep, text_embeds, time_ids)
         _, res = self.down(h, emb, encoder_hidden_states)
