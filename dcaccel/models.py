@@ -92,7 +92,7 @@ def build_pipeline(arch: str = "tiny", task: str = "text2img", seed: int = 0, dt
     comps = build_components(arch, seed)
     pipe = pipeline_class(cfg["family"], task)(**comps)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dtype=dtype)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):

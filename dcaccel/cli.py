@@ -1,0 +1,352 @@
+"""`dcaccel generate | build | bench`: the command line.
+
+generate  one image with DeepCache (optionally against the plain pipeline: --baseline)
+build     the full and shallow graphs of a model, offline, into engines/<model>/<key>/ (also build_scripts/build.py)
+bench     the benchmark matrix and sweep (see benchmarks/README.md)
+
+A model is a local diffusers pipeline directory or the name of an embedded architecture (tiny, tiny-xl, sd15,
+sd21, sdxl): those are built from configs in dcaccel/configs with random weights, so they need no download and
+are untrained: their images are noise-like, their timings are those of the real architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "sd15"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "lcm": "LCMScheduler",
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:  # the libraries' own verbosity settings, read when they are first imported
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    try:
+        return args.func(args) or 0
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:
+        if args.verbose:
+            raise
+        print(f"dcaccel {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcaccel", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate an image with DeepCache", description=generate.__doc__)
+    gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    add_model_arguments(gen)
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    add_cache_arguments(gen)
+    gen.add_argument("--backend", default="eager", help="eager, torch_compile, onnxruntime or tensorrt")
+    gen.add_argument("--engine-dir", help="built engines for --backend (from `dcaccel build`); without one an "
+                                          "engine backend builds for this call's shapes first")
+    gen.add_argument("--image", help="input image: img2img (or inpainting with --mask)")
+    gen.add_argument("--mask", help="inpainting mask (white = repaint)")
+    gen.add_argument("--strength", type=float, default=0.8, help="img2img/inpaint strength (default 0.8)")
+    gen.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
+    gen.add_argument("--output", "-o", default="dcaccel.png", help="output PNG (default dcaccel.png)")
+    gen.add_argument("--baseline", action="store_true",
+                     help="also run the plain pipeline (no DeepCache, eager) on the same seed: print the speedup "
+                          "and the image difference; saves <output>-baseline.png")
+    gen.set_defaults(func=generate)
+
+    bld = sub.add_parser("build", help="build engines offline", description=build.__doc__)
+    add_build_arguments(bld)
+    bld.set_defaults(func=build)
+
+    bench = sub.add_parser("bench", help="benchmark backends x DeepCache settings; sweep for a recommendation")
+    try:
+        from . import bench as bench_module
+    except ImportError as e:  # an optional package the benchmark needs
+        bench.set_defaults(func=lambda args: _missing(f"dcaccel bench is unavailable: {e}"))
+    else:
+        bench_module.add_arguments(bench)
+        bench.set_defaults(func=lambda args: bench_module.run(args) and 0)
+    return parser
+
+
+def _missing(message: str) -> int:
+    print(message, file=sys.stderr)
+    return 2
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"local diffusers pipeline directory, or an embedded architecture with random weights "
+                        f"(tiny, tiny-xl, sd15, sd21, sdxl; default {DEFAULT_MODEL})")
+    p.add_argument("--height", type=int, help="default: the model's native size (256 for the embedded sd15)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def add_cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--interval", type=int, default=3, help="full U-Net every N evaluations (1 = off; default 3)")
+    p.add_argument("--branch", type=int, default=0, help="skip branch, 0 = shallowest (default 0)")
+    p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit"), default="uniform")
+    p.add_argument("--center", type=int, help="nonuniform: the step full steps gather around")
+    p.add_argument("--power", type=float, default=1.4, help="nonuniform: shape of the schedule (default 1.4)")
+    p.add_argument("--full-steps", type=_int_list, help="explicit: comma-separated full evaluations, e.g. 0,4,9")
+    p.add_argument("--cache-start", type=int, default=0, help="cache only from this evaluation on")
+    p.add_argument("--cache-end", type=int, help="cache only before this evaluation")
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument("--no-cfg", action="store_true", help="build for guidance_scale <= 1 (no batched guidance)")
+    p.add_argument("--branch", type=int, default=0, help="skip branch the graphs are split at (default 0)")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch_compile or tensorrt")
+    p.add_argument("--out", default="engines", help="output directory (default engines/)")
+    p.add_argument("--name", help="model name in the output path (default: architecture or directory name)")
+    p.add_argument("--task", choices=("text2img", "img2img", "inpaint"), default="text2img",
+                   help="pipeline the engines are for (inpaint U-Nets take 9 input channels)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="fuse this LoRA before building (repeatable)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
+    p.add_argument("--refittable", action="store_true", help="TensorRT: refittable engines (LoRA swaps)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. exporter=dynamo (onnxruntime) or freezing=false (torch_compile)")
+    p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key exists")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--option takes KEY=VALUE, got {text!r}")
+    lowered = value.lower()
+    if lowered in ("true", "false"):
+        return key, lowered == "true"
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def model_label(model: str) -> str:
+    from .models import ARCHITECTURES
+
+    if model in ARCHITECTURES:
+        return f"embedded {model} architecture with RANDOM weights (untrained: the image is noise, timings are real)"
+    return f"local pipeline {os.path.abspath(model)}"
+
+
+def load_model(args, task: str = "text2img"):
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model, task, dtype=_dtype(args.dtype))
+    if args.device != "cpu":
+        pipe.to(args.device)
+    return pipe
+
+
+def cache_config(args):
+    from .config import DeepCacheConfig
+
+    return DeepCacheConfig(interval=args.interval, branch=args.branch, schedule=args.schedule, center=args.center,
+                           power=args.power, full_steps=args.full_steps, cache_start=args.cache_start,
+                           cache_end=args.cache_end)
+
+
+class UNetTimer:
+    """Times the calls of a plain (not DeepCache) U-Net with forward hooks, removed by close()."""
+
+    def __init__(self, unet):
+        import torch
+
+        self.seconds = 0.0
+        self.calls = 0
+        self._sync = torch.cuda.synchronize if unet.device.type == "cuda" else (lambda: None)
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+
+def generate(args) -> int:
+    """Generate one image with DeepCache and print the U-Net-loop and total times; with --baseline, also the
+    plain pipeline's, the speedup and the difference between the two images."""
+    import diffusers
+    import torch
+    from PIL import Image
+
+    from . import pipeline as dc
+    from .models import default_resolution
+
+    _set_threads(args.threads)
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
+    task = "inpaint" if args.mask else "img2img" if args.image else "text2img"
+    config = cache_config(args)
+    print(f"model: {model_label(args.model)}")
+    start = time.perf_counter()
+    pipe = load_model(args, task)
+    print(f"loaded in {time.perf_counter() - start:.1f} s ({task})")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    size = default_resolution(pipe)
+    height, width = args.height or size, args.width or size
+    call = {"prompt": args.prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    if task == "text2img":
+        call.update(height=height, width=width)
+    else:
+        call.update(image=Image.open(args.image).convert("RGB").resize((width, height)), strength=args.strength)
+        if task == "inpaint":
+            call.update(mask_image=Image.open(args.mask).convert("L").resize((width, height)), height=height,
+                        width=width)
+
+    def run(label):
+        t0 = time.perf_counter()
+        image = pipe(**call, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
+        return image, time.perf_counter() - t0
+
+    baseline = None
+    if args.baseline:
+        timer = UNetTimer(pipe.unet)
+        try:
+            base_image, base_total = run("baseline")
+        finally:
+            timer.close()
+        baseline = (base_image, base_total, timer.seconds, timer.calls)
+
+    options = {}
+    if args.backend != "eager":
+        if args.engine_dir:
+            options["engine_dir"] = args.engine_dir
+        else:
+            options.update(height=height, width=width, batch_size=1, cfg=args.guidance > 1, dtype=args.dtype)
+        if args.threads and args.backend == "onnxruntime":
+            options["threads"] = args.threads
+    t0 = time.perf_counter()
+    dc.enable(pipe, config, backend=args.backend, **options)
+    setup = time.perf_counter() - t0
+    if args.backend != "eager":
+        print(f"backend {args.backend}: ready in {setup:.1f} s (build/compile/load, not in the times below)")
+    image, total = run("deepcache")
+    stats = dc.last_stats(pipe)
+    dc.disable(pipe)
+
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    n_full, n_shallow = len(stats.full_steps), len(stats.shallow_steps)
+    print(f"DeepCache {args.backend} (interval {args.interval}, branch {args.branch}, {args.schedule}): "
+          f"{n_full} full + {n_shallow} shallow U-Net evaluations")
+    print(f"  U-Net loop {stats.unet_seconds:.2f} s, total {total:.2f} s -> {out}")
+    if baseline:
+        base_image, base_total, base_unet, base_calls = baseline
+        base_out = out.with_name(out.stem + "-baseline" + out.suffix)
+        base_image.save(base_out)
+        psnr, max_diff = image_difference(base_image, image)
+        print(f"baseline (plain pipeline, eager): {base_calls} U-Net evaluations")
+        print(f"  U-Net loop {base_unet:.2f} s, total {base_total:.2f} s -> {base_out}")
+        print(f"speedup: U-Net loop {base_unet / stats.unet_seconds:.2f}x, total {base_total / total:.2f}x")
+        print(f"image difference to baseline: PSNR {psnr:.2f} dB, max |diff| {max_diff} of 255")
+    return 0
+
+
+def image_difference(a, b) -> tuple[float, int]:
+    """PSNR (dB) and the largest per-pixel difference between two 8-bit images."""
+    import numpy as np
+
+    x = np.asarray(a, dtype=np.float64)
+    y = np.asarray(b, dtype=np.float64)
+    mse = float(((x - y) ** 2).mean())
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    return psnr, int(np.abs(x - y).max())
+
+
+def build(args) -> int:
+    """Build the full and shallow graphs of a model for one resolution, batch, dtype and branch into
+    <out>/<model>/<key>/ with a manifest. A build whose key matches is skipped (--force rebuilds); files are
+    written to a temporary directory renamed when complete."""
+    from .build import build_engines
+    from .config import BuildConfig
+    from .models import ARCHITECTURES, default_resolution
+
+    options = dict(_option(o) for o in args.option)
+    print(f"model: {model_label(args.model)}")
+    pipe = load_model(args, args.task)
+    loras = None
+    if args.lora:
+        from .lora import apply_loras, lora_record, parse_lora_argument
+
+        specs = [parse_lora_argument(text) for text in args.lora]
+        apply_loras(pipe, specs, fuse=True)
+        loras = lora_record(specs)
+    size = default_resolution(pipe)
+    config = BuildConfig(height=args.height or size, width=args.width or size, batch_size=args.batch,
+                         cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, backend=args.backend,
+                         device=args.device, fp16=args.fp16, refittable=args.refittable, options=options)
+    name = args.name or (args.model if args.model in ARCHITECTURES else Path(args.model).resolve().name)
+    start = time.perf_counter()
+    directory, built = build_engines(pipe, config, out_dir=args.out, model_name=name, force=args.force,
+                                     loras=loras, progress=True)
+    if not built:
+        print(f"up to date: {directory} (same key; --force rebuilds)")
+        return 0
+    from .manifest import Manifest
+
+    manifest = Manifest.read(directory)
+    print(f"built {config.backend} engines in {time.perf_counter() - start:.1f} s: {directory}")
+    for graph, info in manifest.data["graphs"].items():
+        reached = info.get("tolerance", {}).get("reached")
+        print(f"  {graph}: {', '.join(info.get('all_files', [])) or '(in-process cache)'}; checked: {reached}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
