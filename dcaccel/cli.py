@@ -33,6 +33,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in logs
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:  # the libraries' own verbosity settings, read when they are first imported
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
