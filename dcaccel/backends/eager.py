@@ -12,8 +12,16 @@ class EagerRunner:
     static_shapes = None
 
     def __init__(self, unet, branch: int):
+        self.branch = branch
         self.full, self.shallow = split_unet(unet, branch)
         self._buffer = FeatureBuffer()
+        self.loras: list[dict] = []  # the fused LoRAs (dcaccel.lora records them here)
+
+    def refit(self, unet) -> None:
+        """Take the U-Net's current weights. Nothing to copy: the graphs share its parameters. They are cut
+        again anyway (no copies, cheap), so that modules replaced rather than changed are seen too, e.g. unfused
+        LoRA layers on conv_in, which the graphs hold directly."""
+        self.full, self.shallow = split_unet(unet, self.branch)
 
     @property
     def feature(self) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -32,8 +33,6 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 class CompiledRunner:
     def __init__(self, unet, branch: int, specs, mode: str = "default", freezing: bool | None = None,
                  cache_bytes: bytes | None = None):
-        from ..split import split_unet
-
         if mode not in MODES:
             raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {list(MODES)}")
         device = unet.device
@@ -42,6 +41,8 @@ class CompiledRunner:
         self.freezing = (device.type == "cpu") if freezing is None else bool(freezing)
         self.specs = specs
         self.mode = mode
+        self.branch = branch
+        self.loras: list[dict] = []  # the fused LoRAs (dcaccel.lora records them here)
         shapes, dtypes = {}, {}
         for spec in specs.values():
             shapes.update({t.name: t.shape for t in spec.inputs if t.name != "feature"})
@@ -52,10 +53,43 @@ class CompiledRunner:
         self._buffer = FeatureBuffer(feature.shape, feature.torch_dtype, device)
         if cache_bytes:
             torch.compiler.load_cache_artifacts(cache_bytes)
-        full, shallow = split_unet(unet, branch)
-        self.full = torch.compile(full, fullgraph=True, dynamic=False, mode=mode)
-        self.shallow = torch.compile(shallow, fullgraph=True, dynamic=False, mode=mode)
+        self.full, self.shallow = self._compile(unet)
         self.compile_seconds = self._warm_up()
+
+    def _compile(self, unet):
+        from ..split import split_unet
+
+        graphs = split_unet(unet, self.branch)
+        for graph in graphs:
+            _private_forward(graph)
+        return tuple(torch.compile(g, fullgraph=True, dynamic=False, mode=self.mode) for g in graphs)
+
+    def refit(self, unet) -> float:
+        """Take the U-Net's current weights (a LoRA swap). Returns the seconds spent compiling (0.0 if none).
+
+        freezing=False: the compiled graphs read the parameters as inputs, and a fused LoRA changes them in place,
+        so there is nothing to do; the fail_on_recompile stance proves it at the next call. freezing=True (the
+        CPU default): the weights are constants of the compiled code, so both graphs are compiled again, which
+        costs as much as the first compile (that is the price of freezing's speed). Either way the graphs are
+        compiled again if the U-Net's modules are other objects than those compiled (a replaced U-Net).
+        """
+        from ..split import split_unet
+
+        same = all([id(p) for p in new.parameters()] == [id(p) for p in old._orig_mod.parameters()]
+                   for new, old in zip(split_unet(unet, self.branch), (self.full, self.shallow)))
+        if same and not self.freezing:
+            return 0.0
+        logger.info("torch.compile refit: compiling both graphs again (%s)",
+                    "freezing=True: weights are constants" if same else "the U-Net's modules changed")
+        old = self.full, self.shallow
+        self.full, self.shallow = self._compile(unet)
+        try:
+            seconds = self._warm_up()
+        except BaseException:
+            self.full, self.shallow = old
+            raise
+        self.compile_seconds = seconds
+        return seconds
 
     @property
     def feature(self) -> torch.Tensor:
@@ -105,6 +139,17 @@ class CompiledRunner:
         return noise.clone()
 
 
+def _private_forward(graph: torch.nn.Module) -> None:
+    """Give `graph` its own copy of its class's forward code. Dynamo keeps compiled code per code object and
+    guards on what a frozen graph does not depend on (not the weights' values): with a shared code object, a
+    graph compiled again for new frozen weights would be served the old compiled code. With its own, the
+    compiled code belongs to this graph alone and is freed with it."""
+    fn = type(graph).forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    graph.forward = types.MethodType(own, graph)
+
+
 def build(unet, specs, directory: Path, build: BuildConfig, progress: bool = False) -> dict:
     """Compile both graphs, compare them with eager, and save inductor's cache artifacts for a warm load."""
     from ..split import split_unet
@@ -152,17 +197,21 @@ def create_runner(unet, branch: int, pipe=None, engine_dir=None, height=None, wi
     """Compile for the static shapes of an engine directory (warm from its cache artifacts), or for the given
     height/width/batch_size."""
     from ..build import open_engine_dir, pipeline_geometry
+    from ..lora import current_loras
     from ..spec import graph_specs
 
+    loras = current_loras(pipe) if pipe is not None else None
     if engine_dir is not None:
         if height or width:
             raise ValueError(f"height/width are fixed by the engine in {engine_dir}")
-        manifest, specs = open_engine_dir(engine_dir, unet, branch, "torch_compile",
+        manifest, specs = open_engine_dir(engine_dir, unet, branch, "torch_compile", loras=loras,
                                           extra_checks={"versions.torch": torch.__version__})
         cache = Path(engine_dir) / CACHE_FILE
         opts = {**manifest.build.get("options", {}), **options}
-        return CompiledRunner(unet, branch, specs, cache_bytes=cache.read_bytes() if cache.is_file() else None,
-                              **_compile_options(opts))
+        runner = CompiledRunner(unet, branch, specs, cache_bytes=cache.read_bytes() if cache.is_file() else None,
+                                **_compile_options(opts))
+        runner.loras = manifest.data.get("loras", [])
+        return runner
     if pipe is None or height is None or width is None:
         raise ValueError("backend 'torch_compile' needs engine_dir=..., or height=, width= (and batch_size=, cfg=) "
                          "to compile its static-shape graphs")
@@ -170,4 +219,6 @@ def create_runner(unet, branch: int, pipe=None, engine_dir=None, height=None, wi
     vae_scale, text_len = pipeline_geometry(pipe)
     build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg, dtype=dtype, branch=branch,
                         backend="torch_compile", options=_compile_options(options))
-    return CompiledRunner(unet, branch, graph_specs(unet, build, vae_scale, text_len), **build.options)
+    runner = CompiledRunner(unet, branch, graph_specs(unet, build, vae_scale, text_len), **build.options)
+    runner.loras = loras or []
+    return runner
