@@ -467,17 +467,6 @@ def machine_info() -> dict:
     }
 
 
-def parse_lora(text: str) -> tuple[str, float]:
-    """'path[:scale]' -> (path, scale); a suffix that is not a number belongs to the path."""
-    path, sep, scale = text.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def _int_items(values, what) -> list[int]:
     out = []
     for v in values:
@@ -583,7 +572,7 @@ class Bench:
         self.steps = _unique(_int_items(args.steps, "--steps"))
         self.pipe, self.model_name, self.weights = self._load_pipeline()
         self._set_scheduler()
-        self.loras, self.lora_note = self._apply_loras()
+        self.loras = self._apply_loras()
         self.unet = self.pipe.unet  # the pipeline's own U-Net (while dcaccel is enabled, pipe.unet is its wrapper)
         self.vae_scale, self.text_len = pipeline_geometry(self.pipe)
         self.height = args.height or default_resolution(self.pipe)
@@ -645,19 +634,14 @@ class Bench:
         self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self.pipe.scheduler.config, **extra)
 
     def _apply_loras(self):
+        """Fuse the --lora files before anything is built or timed; a LoRA that does not fit is an error."""
         if not self.args.lora:
-            return [], None
-        specs = [parse_lora(t) for t in self.args.lora]
-        try:
-            lora_module = importlib.import_module("dcaccel.lora")
-            loras = [lora_module.LoraSpec(path, scale) for path, scale in specs]
-            apply = lora_module.apply_loras
-        except Exception as e:  # the module is absent or not ready: benchmark without LoRA, and say so
-            note = f"LoRA skipped: dcaccel.lora is not usable here ({type(e).__name__}: {e})"
-            logger.warning(note)
-            return [], note
-        apply(self.pipe, loras, fuse=True)
-        return [{"path": p, "scale": s} for p, s in specs], None
+            return []
+        from .lora import apply_loras, lora_record, parse_lora_argument
+
+        specs = [parse_lora_argument(text) for text in self.args.lora]
+        apply_loras(self.pipe, specs, fuse=True)
+        return [{"path": str(spec.path), **record} for spec, record in zip(specs, lora_record(specs))]
 
     def _deepcache_settings(self) -> list[DeepCacheConfig]:
         a = self.args
@@ -885,7 +869,7 @@ class Bench:
             "batch": a.batch, "steps": steps, "guidance": a.guidance, "scheduler": a.scheduler,
             "prompt": a.prompt, "seed": a.seed, "dtype": self.dtype, "device": self.device.type,
             "threads": self.torch_threads, "ort_threads": a.threads, "repeats": a.repeats,
-            "warmup": a.warmup, "loras": self.loras, "lora_note": self.lora_note,
+            "warmup": a.warmup, "loras": self.loras,
             "sweep": bool(a.sweep), "machine": self.machine, "date": self.date,
         }
 
@@ -911,7 +895,7 @@ class Bench:
                          f"warm-up {a.warmup}, torch threads {self.torch_threads}, ONNX Runtime threads "
                          f"{a.threads or 'default'}, seed {a.seed}, dtype {self.dtype}, device {self.device.type}, "
                          f"LoRA {lora_text}"
-                         + (f" ({self.lora_note})" if self.lora_note else "")),
+                         ),
             "memory": self.memory.method,
         }
 
@@ -1146,8 +1130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--arch", choices=ARCHITECTURES,
                        help="embedded architecture with random weights (default tiny when no --model)")
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                       help="fuse this LoRA first, via dcaccel.lora (repeatable; skipped with a message if "
-                            "dcaccel.lora is unavailable)")
+                       help="fuse this LoRA first, via dcaccel.lora (repeatable)")
     model.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
 
     matrix = parser.add_argument_group("matrix")

@@ -124,10 +124,15 @@ def test_psnr_and_rel_l2():
     assert bench.rel_l2(x * 1.1, x) == pytest.approx(0.1)
 
 
-def test_parse_lora():
-    assert bench.parse_lora("loras/style.safetensors:0.8") == ("loras/style.safetensors", 0.8)
-    assert bench.parse_lora("style.safetensors") == ("style.safetensors", 1.0)
-    assert bench.parse_lora("C:\\loras\\style.safetensors") == ("C:\\loras\\style.safetensors", 1.0)
+def test_parse_lora_argument():
+    from pathlib import Path
+
+    from dcaccel.lora import parse_lora_argument
+
+    assert parse_lora_argument("loras/style.safetensors:0.8").path == Path("loras/style.safetensors")
+    assert parse_lora_argument("loras/style.safetensors:0.8").scale == 0.8
+    assert parse_lora_argument("style.safetensors").scale == 1.0
+    assert parse_lora_argument("C:\\loras\\style.safetensors").path == Path("C:\\loras\\style.safetensors")
 
 
 # -- the harness, end to end, on the tiny architecture -------------------------------------------------------------
@@ -206,21 +211,14 @@ def test_matrix_fidelity_and_speed_fields(matrix_run):
 
 
 def test_sweep_recommends_a_setting_within_the_bound(tmp_path):
-    import sys
-
-    import dcaccel
-
     args = _args(["--arch", "tiny", "--sweep", "--max-rel-l2", "0.05", "--interval", "2", "3", "--branch", "0",
                   "1", "--steps", "5", "--repeats", "1", "--out", str(tmp_path), "--no-progress", "--quiet",
-                  "--threads", "1", "--lora", "missing.safetensors:0.5"])
-    with pytest.MonkeyPatch.context() as mp:  # as if dcaccel.lora did not exist: skipped with a note
-        mp.setitem(sys.modules, "dcaccel.lora", None)
-        mp.delattr(dcaccel, "lora", raising=False)
-        records = bench.run(args)
+                  "--threads", "1"])
+    records = bench.run(args)
     rows = [r for r in records if r["kind"] == "dcaccel" and r.get("interval", 1) > 1]
     assert {r["backend"] for r in records if r["kind"] != "recommendation"} == {"diffusers", "eager"}
     assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
-    assert all(r["lora_note"].startswith("LoRA skipped") and r["loras"] == [] for r in rows)
+    assert all(r["loras"] == [] for r in rows)
     for r in rows:
         inside = r["latent_rel_l2"] <= 0.05
         assert (r["not_timed"] is None) == inside and (r["unet_loop_median_s"] is not None) == inside
