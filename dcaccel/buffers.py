@@ -29,3 +29,14 @@ class FeatureBuffer:
 def allocate(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype], device) -> dict[str, torch.Tensor]:
     """One tensor per named graph input/output, allocated once and bound once."""
     return {name: torch.empty(shape, dtype=dtypes[name], device=device) for name, shape in shapes.items()}
+
+
+def allocate_graph_buffers(specs, device) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, ...]]]:
+    """Buffers for every input and output of the full and shallow graphs (one `feature` tensor that the full
+    graph writes and the shallow graph reads), and the static shapes a call's inputs must have."""
+    shapes, dtypes = {}, {}
+    for spec in specs.values():
+        shapes.update(spec.shapes())
+        dtypes.update(spec.dtypes())
+    static = {t.name: t.shape for s in specs.values() for t in s.inputs if t.name != "feature"}
+    return allocate(shapes, dtypes, device), static

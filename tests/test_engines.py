@@ -22,9 +22,9 @@ SIZE = 32  # pixels; tiny VAEs downsample by 2, so latents are 16x16
 CONFIG = DeepCacheConfig(interval=3, branch=1)
 
 
-def _build(pipe, tmp_path, backend="onnxruntime", branch=CONFIG.branch, **kw):
+def _build(pipe, tmp_path, backend="onnxruntime", branch=CONFIG.branch, model_name="tiny", **kw):
     build = BuildConfig(height=SIZE, width=SIZE, batch_size=1, cfg=True, branch=branch, backend=backend, **kw)
-    return build_engines(pipe, build, out_dir=tmp_path, model_name="tiny")
+    return build_engines(pipe, build, out_dir=tmp_path, model_name=model_name)
 
 
 def _eager_reference(pipe, config=CONFIG, **call):
@@ -41,7 +41,7 @@ def ort_dirs(tmp_path_factory):
     from conftest import _pipe
 
     out = tmp_path_factory.mktemp("engines")
-    return {arch: _build(_pipe(arch, "text2img"), out)[0] for arch in ("tiny", "tiny-xl")}
+    return {arch: _build(_pipe(arch, "text2img"), out, model_name=arch)[0] for arch in ("tiny", "tiny-xl")}
 
 
 def _graph_errors(runner, unet, branch, inputs):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..buffers import allocate
+from ..buffers import allocate_graph_buffers
 from ..config import BuildConfig
 from .base import check_static_shapes, require
 
@@ -225,12 +225,7 @@ class OrtRunner:
             except Exception as e:  # ORT raises its own exception types for bad files
                 raise RuntimeError(f"ONNX Runtime cannot load {path} ({type(e).__name__}: {e}); rebuild the engine") from e
         self.specs = specs
-        shapes, dtypes = {}, {}
-        for spec in specs.values():
-            shapes.update(spec.shapes())
-            dtypes.update(spec.dtypes())
-        self.buffers = allocate(shapes, dtypes, device)
-        self.static_shapes = {t.name: t.shape for s in specs.values() for t in s.inputs if t.name != "feature"}
+        self.buffers, self.static_shapes = allocate_graph_buffers(specs, device)
         self.bindings = {name: self._bind(name, device) for name in self.sessions}
         self.onnx_paths, self.weight_maps = dict(onnx_paths), dict(weight_maps or {})
         self._session_args = (threads, providers)

@@ -21,11 +21,12 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from ..buffers import allocate
+from ..buffers import allocate_graph_buffers
 from ..config import BuildConfig
 from .base import check_static_shapes, require
 
@@ -125,7 +126,10 @@ def _build_plan(trt, onnx_path, plan_path, spec, fp16, refittable, workspace, ca
         raise RuntimeError(f"TensorRT could not build {plan_path.name} from {onnx_path} (see its log above)")
     with open(plan_path, "wb") as f:
         f.write(plan)
-    cache_path.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    # the cache is shared by every build of the model: written beside it and renamed, never left half-written
+    partial = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.partial")
+    partial.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    os.replace(partial, cache_path)
 
 
 def _compare(runner, graphs, specs, device) -> dict:
@@ -194,12 +198,7 @@ class TrtRunner:
         self.specs, self.branch, self.cuda_graph = specs, branch, cuda_graph
         self.refit_maps, self.onnx_paths = refit_maps, onnx_paths
         device = torch.device("cuda", torch.cuda.current_device())
-        shapes, dtypes = {}, {}
-        for spec in specs.values():
-            shapes.update(spec.shapes())
-            dtypes.update(spec.dtypes())
-        self.buffers = allocate(shapes, dtypes, device)
-        self.static_shapes = {t.name: t.shape for s in specs.values() for t in s.inputs if t.name != "feature"}
+        self.buffers, self.static_shapes = allocate_graph_buffers(specs, device)
         self.engines, self.contexts, self._graphs = {}, {}, {}
         for name, path in plan_paths.items():
             path = Path(path)
