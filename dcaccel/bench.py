@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .backends.base import MissingDependencyError
 from .build import build_engines, pipeline_geometry
 from .config import BuildConfig, DeepCacheConfig
-from .models import ARCHITECTURES, build_pipeline, default_resolution, load_pipeline
+from .models import ARCHITECTURES, TRAINED, build_pipeline, default_resolution, load_pipeline
 from .pipeline import disable, enable, last_stats
 from .runtime import StepStats
 from .spec import graph_specs
@@ -622,6 +622,9 @@ class Bench:
         if model in ARCHITECTURES:
             pipe = build_pipeline(model, seed=0)
             name, weights = model, "random weights"
+        elif model in TRAINED:
+            pipe = load_pipeline(model)
+            name, weights = model, "trained weights shipped in dcaccel/weights"
         else:
             pipe = load_pipeline(model)
             name, weights = Path(model).resolve().name, f"weights from {model}"

@@ -4,9 +4,11 @@ generate  one image with DeepCache (optionally against the plain pipeline: --bas
 build     the full and shallow graphs of a model, offline, into engines/<model>/<key>/ (also build_scripts/build.py)
 bench     the benchmark matrix and sweep (see benchmarks/README.md)
 
-A model is a local diffusers pipeline directory or the name of an embedded architecture (tiny, tiny-xl, sd15,
-sd21, sdxl): those are built from configs in dcaccel/configs with random weights, so they need no download and
-are untrained: their images are noise-like, their timings are those of the real architecture.
+A model is a local diffusers pipeline directory, the embedded trained `shapes` model (the default: a small
+SD-shaped pipeline trained on CPU to draw coloured shapes, 32x32, see dcaccel/shapes), or the name of an embedded
+architecture (tiny, tiny-xl, sd15, sd21, sdxl): those are built from configs in dcaccel/configs with random
+weights, so they need no download and are untrained: their images are noise-like, their timings are those of the
+real architecture.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "sd15"
-DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"
+DEFAULT_MODEL = "shapes"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # for other models than shapes
+DEFAULT_GUIDANCE = 7.5
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
@@ -54,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an image with DeepCache", description=generate.__doc__)
-    gen.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
+    gen.add_argument("prompt", nargs="?", help="default: a caption the shapes model knows, else an SD prompt")
     add_model_arguments(gen)
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale (default 4 for shapes, else 7.5)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     add_cache_arguments(gen)
@@ -96,9 +100,11 @@ def _missing(message: str) -> int:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local diffusers pipeline directory, or an embedded architecture with random weights "
-                        f"(tiny, tiny-xl, sd15, sd21, sdxl; default {DEFAULT_MODEL})")
-    p.add_argument("--height", type=int, help="default: the model's native size (256 for the embedded sd15)")
+                   help=f"local diffusers pipeline directory, the embedded trained model (shapes), or an "
+                        f"embedded architecture with random weights (tiny, tiny-xl, sd15, sd21, sdxl; "
+                        f"default {DEFAULT_MODEL})")
+    p.add_argument("--height", type=int,
+                   help="default: the model's native size (32 for shapes, 256 for the embedded sd15)")
     p.add_argument("--width", type=int)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu")
@@ -172,6 +178,8 @@ def _set_threads(threads: int | None) -> None:
 def model_label(model: str) -> str:
     from .models import ARCHITECTURES
 
+    if model == "shapes":
+        return "embedded shapes model (trained on CPU on drawn coloured shapes, 32x32; see dcaccel/shapes)"
     if model in ARCHITECTURES:
         return f"embedded {model} architecture with RANDOM weights (untrained: the image is noise, timings are real)"
     return f"local pipeline {os.path.abspath(model)}"
@@ -234,6 +242,13 @@ def generate(args) -> int:
         raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
     task = "inpaint" if args.mask else "img2img" if args.image else "text2img"
     config = cache_config(args)
+    if args.model == "shapes":
+        from . import shapes
+
+        args.prompt = args.prompt or shapes.DEFAULT_PROMPT
+        args.guidance = shapes.GUIDANCE_SCALE if args.guidance is None else args.guidance
+    args.prompt = args.prompt or DEFAULT_PROMPT
+    args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     print(f"model: {model_label(args.model)}")
     start = time.perf_counter()
     pipe = load_model(args, task)
@@ -297,7 +312,33 @@ def generate(args) -> int:
         print(f"  U-Net loop {base_unet:.2f} s, total {base_total:.2f} s -> {base_out}")
         print(f"speedup: U-Net loop {base_unet / stats.unet_seconds:.2f}x, total {base_total / total:.2f}x")
         print(f"image difference to baseline: PSNR {psnr:.2f} dB, max |diff| {max_diff} of 255")
+    if args.model == "shapes":
+        report_shapes_reading(args.prompt, {"DeepCache": image, **({"baseline": baseline[0]} if baseline else {})})
     return 0
+
+
+def report_shapes_reading(prompt: str, images: dict) -> None:
+    """What the shapes scorer reads off each image, against what the prompt asked for."""
+    import numpy as np
+
+    from . import shapes
+    from .shapes.data import ATTRIBUTES, to_tensor
+    from .shapes.score import predict
+
+    scorer = shapes.load_scorer()
+    wanted = shapes.parse_caption(prompt)
+    for label, image in images.items():
+        if image.size != (shapes.data.RESOLUTION, shapes.data.RESOLUTION):
+            print(f"scorer not run on the {label} image: it reads {shapes.data.RESOLUTION}x{shapes.data.RESOLUTION} "
+                  f"images, this one is {image.size[0]}x{image.size[1]}")
+            continue
+        pred = predict(scorer, to_tensor(np.asarray(image.convert("RGB"))[None]))
+        read = {name: ATTRIBUTES[name][int(pred[name][0])] for name in ATTRIBUTES}
+        verdict = "" if wanted is None else (
+            " (matches the prompt)" if all(read[n] == getattr(wanted, n) for n in ATTRIBUTES)
+            else " (does NOT match the prompt)")
+        print(f"scorer reads the {label} image as: {read['size']} {read['colour']} {read['shape']}, "
+              f"{read['position']}{verdict}")
 
 
 def image_difference(a, b) -> tuple[float, int]:
@@ -317,7 +358,7 @@ def build(args) -> int:
     written to a temporary directory renamed when complete."""
     from .build import build_engines
     from .config import BuildConfig
-    from .models import ARCHITECTURES, default_resolution
+    from .models import ARCHITECTURES, TRAINED, default_resolution
 
     options = dict(_option(o) for o in args.option)
     print(f"model: {model_label(args.model)}")
@@ -333,7 +374,7 @@ def build(args) -> int:
     config = BuildConfig(height=args.height or size, width=args.width or size, batch_size=args.batch,
                          cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, backend=args.backend,
                          device=args.device, fp16=args.fp16, refittable=args.refittable, options=options)
-    name = args.name or (args.model if args.model in ARCHITECTURES else Path(args.model).resolve().name)
+    name = args.name or (args.model if args.model in ARCHITECTURES + TRAINED else Path(args.model).resolve().name)
     start = time.perf_counter()
     directory, built = build_engines(pipe, config, out_dir=args.out, model_name=name, force=args.force,
                                      loras=loras, progress=True)

@@ -15,7 +15,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")
+ARCHITECTURES = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")  # embedded configs, random weights
+TRAINED = ("shapes",)  # embedded trained weights (dcaccel/weights/<name>): see dcaccel/shapes
 TASKS = ("text2img", "img2img", "inpaint")
 
 _PIPELINES = {
@@ -95,13 +96,26 @@ def build_pipeline(arch: str = "tiny", task: str = "text2img", seed: int = 0, dt
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
+def trained_model_dir(name: str) -> str:
+    """The directory of an embedded trained model, shipped inside the package."""
+    path = str(resources.files("dcaccel").joinpath("weights", name))
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"the embedded {name!r} weights are missing from {path}: reinstall dcaccel, or "
+                                f"train them with build_scripts/train_shapes.py")
+    return path
+
+
 def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):
-    """`model` is an embedded architecture name or a local diffusers pipeline directory (never a hub id)."""
+    """`model` is an embedded architecture name (random weights), an embedded trained model (`shapes`) or a
+    local diffusers pipeline directory (never a hub id)."""
     if model in ARCHITECTURES:
         return build_pipeline(model, task, dtype=dtype)
+    if model in TRAINED:
+        model = trained_model_dir(model)
     if not os.path.isdir(model):
         raise FileNotFoundError(
-            f"model {model!r} is neither a local pipeline directory nor an embedded architecture {list(ARCHITECTURES)}"
+            f"model {model!r} is neither a local pipeline directory nor an embedded model "
+            f"{list(TRAINED + ARCHITECTURES)}"
         )
     with open(os.path.join(model, "model_index.json")) as f:
         index = json.load(f)

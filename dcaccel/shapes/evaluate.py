@@ -1,0 +1,152 @@
+"""DeepCache's cost in quality, measured the way the paper does on SD but on the shapes model: for each setting,
+prompt accuracy (CLIP score's role) and a Fréchet distance on scorer features (FID's role), with and without
+DeepCache on the same prompts and seeds, next to the speedup measured in the same run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from .. import pipeline as dc
+from ..config import DeepCacheConfig
+from . import GUIDANCE_SCALE
+from .data import Scene, all_scenes, held_out_scenes, make_dataset, to_tensor
+from .score import accuracy, chance_accuracy, features, frechet_distance, pipeline_images
+
+DEFAULT_SETTINGS = (
+    [DeepCacheConfig(interval=n, branch=0) for n in (2, 3, 5, 10)]
+    + [DeepCacheConfig(interval=3, branch=b) for b in range(1, 9)]
+    + [DeepCacheConfig(interval=n, branch=0, schedule="nonuniform") for n in (3, 5)]
+)
+
+
+def label(config: DeepCacheConfig | None) -> str:
+    if config is None:
+        return "no DeepCache"
+    return f"N={config.interval} B={config.branch} {config.schedule}"
+
+
+class _UNetClock:
+    """Seconds inside the plain U-Net's forward (hooks, removed on exit)."""
+
+    def __init__(self, unet):
+        self.unet, self.seconds = unet, 0.0
+
+    def __enter__(self):
+        def pre(module, args):
+            self._t = time.perf_counter()
+
+        def post(module, args, output):
+            self.seconds += time.perf_counter() - self._t
+
+        self._hooks = [self.unet.register_forward_pre_hook(pre), self.unet.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+
+
+def generate(pipe, config: DeepCacheConfig | None, scenes: list[Scene], seed: int, steps: int, guidance: float):
+    """Images for `scenes` (seed per image: seed + index) and the seconds spent in the U-Net loop and overall."""
+    start = time.perf_counter()
+    if config is None:
+        with _UNetClock(pipe.unet) as clock:
+            images = pipeline_images(pipe, scenes, seed, steps, guidance)
+        return images, clock.seconds, time.perf_counter() - start
+    dc.enable(pipe, config)
+    unet_seconds = 0.0
+
+    def add_batch():  # the U-Net loop of every pipeline call
+        nonlocal unet_seconds
+        unet_seconds += dc.last_stats(pipe).unet_seconds
+
+    try:
+        images = pipeline_images(pipe, scenes, seed, steps, guidance, after_batch=add_batch)
+    finally:
+        dc.disable(pipe)
+    return images, unet_seconds, time.perf_counter() - start
+
+
+def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps: int = 20,
+                  guidance: float = GUIDANCE_SCALE, real_images: int = 1200, repeats: int = 1, progress=print,
+                  scenes: list[Scene] | None = None):
+    """One record per setting (the first is no DeepCache). Every setting sees every scene (or `scenes`) `seeds`
+    times with the same initial noise. Speed: the U-Net loop and total seconds of the whole set, the median of `repeats`
+    runs, as a ratio to the no-DeepCache run of the same round (rounds interleave the settings)."""
+    scenes = [s for _ in range(seeds) for s in (scenes or all_scenes())]
+    held = set(held_out_scenes())
+    held_mask = torch.tensor([s in held for s in scenes])
+    real_np, _ = make_dataset(real_images, seed=1, scenes=all_scenes())
+    real_feats = features(scorer, to_tensor(real_np))
+    floor_np, _ = make_dataset(len(scenes), seed=2, scenes=all_scenes())
+    floor = frechet_distance(features(scorer, to_tensor(floor_np)), real_feats)
+
+    configs = [None] + list(settings)
+    times = {label(c): [] for c in configs}
+    images = {}
+    for round_ in range(repeats):
+        for config in configs:
+            imgs, unet_s, total_s = generate(pipe, config, scenes, seed=10_000, steps=steps, guidance=guidance)
+            times[label(config)].append((unet_s, total_s))
+            if round_ == 0:
+                images[label(config)] = imgs
+            progress(f"round {round_ + 1}/{repeats} {label(config)}: U-Net loop {unet_s:.1f} s, total {total_s:.1f} s")
+
+    base = images[label(None)]
+    base_read = _readings(scorer, base)
+    records = []
+    for config in configs:
+        name = label(config)
+        imgs = images[name]
+        acc = accuracy(scorer, imgs, scenes)
+        held_acc = accuracy(scorer, imgs[held_mask], [s for s in scenes if s in held]) if held_mask.any() else None
+        unet_ratio = statistics.median(b[0] / t[0] for b, t in zip(times[label(None)], times[name]))
+        total_ratio = statistics.median(b[1] / t[1] for b, t in zip(times[label(None)], times[name]))
+        mse = ((imgs - base) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+        records.append({
+            "setting": name, "config": None if config is None else config.to_dict(),
+            "images": len(scenes), "steps": steps, "guidance": guidance,
+            "prompt_accuracy": acc["all"], "attribute_accuracy": {k: v for k, v in acc.items() if k != "all"},
+            "held_out_scene_accuracy": held_acc and held_acc["all"], "held_out_images": int(held_mask.sum()),
+            "fid_scorer": frechet_distance(features(scorer, imgs), real_feats),
+            "agreement_with_baseline": float(np.mean(_readings(scorer, imgs) == base_read)),
+            "psnr_to_baseline_db": float((10 * torch.log10(1 / mse)).mean()),
+            "unet_seconds": statistics.median(t[0] for t in times[name]),
+            "total_seconds": statistics.median(t[1] for t in times[name]),
+            "speedup_unet": unet_ratio, "speedup_total": total_ratio,
+        })
+    meta = {"chance_accuracy": chance_accuracy(), "fid_real_floor": floor, "real_images": real_images,
+            "repeats": repeats}
+    return records, meta
+
+
+def _readings(scorer, images) -> np.ndarray:
+    from .score import predict
+
+    pred = predict(scorer, images)
+    return np.stack([pred[k].numpy() for k in sorted(pred)], 1).astype(np.int64) @ np.array([1, 10, 100, 1000])
+
+
+def markdown(records: list[dict], meta: dict, header: str) -> str:
+    lines = [header, "",
+             f"Prompt accuracy: all four attributes (shape, colour, size, position) read back by the scorer as the "
+             f"prompt asked; chance {meta['chance_accuracy']:.1%}. FID (scorer): Fréchet distance between scorer "
+             f"features of the generated images and {meta['real_images']} held-out real images; two real sets "
+             f"of the same size as the generated one are {meta['fid_real_floor']:.2f} apart. Held-out scenes: "
+             f"attribute combinations the model never saw in training. Agreement: images the scorer reads exactly "
+             f"as it reads the no-DeepCache image of the same seed. Speedup: no-DeepCache seconds / these seconds, "
+             f"the same images in the same run (median of {meta['repeats']} interleaved rounds).", "",
+             "| setting | prompt acc. | held-out scenes | FID (scorer) | agreement | PSNR to no-DC | "
+             "U-Net speedup | total speedup |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        held = "-" if r["held_out_scene_accuracy"] is None else f"{r['held_out_scene_accuracy']:.1%}"
+        lines.append(f"| {r['setting']} | {r['prompt_accuracy']:.1%} | {held} | "
+                     f"{r['fid_scorer']:.2f} | {r['agreement_with_baseline']:.1%} | "
+                     f"{'-' if r['config'] is None else format(r['psnr_to_baseline_db'], '.1f') + ' dB'} | "
+                     f"{r['speedup_unet']:.2f}x | {r['speedup_total']:.2f}x |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""The shapes model: a Stable-Diffusion-shaped pipeline small enough to train on a CPU, and the scorer that plays
+CLIP score's and FID's role for it.
+
+The U-Net keeps what makes DeepCache's branches mean what they mean on SD: several down/up blocks, two layers per
+block, skip connections between them, and cross-attention to the caption (only at the low resolutions, like
+SDXL). Three blocks give nine branches.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import ATTRIBUTES, RESOLUTION
+
+VAE_CONFIG = {  # one downsampling: 32x32x3 images <-> 16x16x4 latents
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "act_fn": "silu", "layers_per_block": 1,
+    "block_out_channels": [32, 32], "norm_num_groups": 16, "sample_size": RESOLUTION,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+}
+UNET_CONFIG = {
+    "sample_size": RESOLUTION // 2, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": [32, 64, 64], "norm_num_groups": 16, "cross_attention_dim": 64, "attention_head_dim": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+TEXT_CONFIG = {
+    "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+    "max_position_embeddings": 16, "hidden_act": "quick_gelu", "projection_dim": 64,
+    "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
+}
+SCHEDULER_CONFIG = {  # SD's noise schedule
+    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+}
+
+
+def build_components(seed: int = 0) -> dict:
+    """Untrained components; the training script fills them in."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .data import vocabulary
+    from .tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(vocabulary())
+    return {
+        "vae": diffusers.AutoencoderKL(**VAE_CONFIG),
+        "unet": diffusers.UNet2DConditionModel(**UNET_CONFIG),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG)),
+        "tokenizer": tokenizer,
+        "scheduler": diffusers.DDIMScheduler(**SCHEDULER_CONFIG),
+    }
+
+
+class Scorer(nn.Module):
+    """A small CNN that reads shape, colour, size and position off a 32x32 image. `features` (the input of the
+    heads) is what the FID-like distance compares."""
+
+    FEATURES = 128
+
+    def __init__(self):
+        super().__init__()
+
+        def block(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.SiLU())
+
+        self.body = nn.Sequential(block(3, 32, 1), block(32, 64, 2), block(64, 64, 1), block(64, 128, 2),
+                                  block(128, 128, 2), nn.Flatten(), nn.Linear(128 * 4 * 4, self.FEATURES), nn.SiLU())
+        self.heads = nn.ModuleDict({name: nn.Linear(self.FEATURES, len(values)) for name, values in ATTRIBUTES.items()})
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """images: float NCHW in [-1, 1]."""
+        return self.body(images)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(images)
+        return {name: head(f) for name, head in self.heads.items()}
