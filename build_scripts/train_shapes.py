@@ -71,9 +71,10 @@ class Stage:
         self.step, self.schedule_steps, self.resumed_from = 0, total, None
         if self.path.exists():
             ckpt = torch.load(self.path, weights_only=False)
-            saved_inputs = ckpt.get("inputs", self.inputs)
-            if saved_inputs != self.inputs:
-                raise SystemExit(f"{self.path} was trained on {saved_inputs}, this run has {self.inputs}: "
+            saved_inputs = ckpt.get("inputs", {})  # keys a checkpoint predates are not compared
+            differ = {k: (v, self.inputs.get(k)) for k, v in saved_inputs.items() if v != self.inputs.get(k)}
+            if differ:
+                raise SystemExit(f"{self.path} was trained on other inputs (saved, this run): {differ}; "
                                  f"use the same options or another --work-dir")
             for key, m in modules.items():
                 m.load_state_dict(ckpt["modules"][key])
@@ -182,7 +183,8 @@ def make_pipeline(comps: dict, unet, text_encoder, vae, scaling: float):
 
 
 def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: int, batch: int, lr: float,
-               eval_every: int = 1000, vae_steps: int = 0, eval_scenes: int = 60):
+               eval_every: int = 1000, vae_steps: int = 0, eval_scenes: int = 60, ema_decay: float = 0.995,
+               reset_ema: bool = False):
     from diffusers import DDPMScheduler
 
     comps = shapes_model.build_components(seed=1)
@@ -192,11 +194,14 @@ def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     stage = Stage(work, "unet", {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema["unet"],
                                  "ema_text_encoder": ema["text_encoder"]}, opt, steps,
-                  {"num_images": len(latents), "vae_steps": vae_steps})
+                  {"num_images": len(latents), "vae_steps": vae_steps,
+                   "prediction_type": shapes_model.SCHEDULER_CONFIG["prediction_type"]})
+    if reset_ema:  # after a change of objective the average of the old weights is of no use
+        for key, live in (("unet", unet), ("text_encoder", text_encoder)):
+            ema[key].load_state_dict(live.state_dict())
+        log(work, stage="unet", reset_ema_at=stage.step)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in shapes_model.SCHEDULER_CONFIG.items()
                                        if k not in ("set_alpha_to_one", "steps_offset")})
-    alphas = noise_scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     captions = sorted({s.caption for s in scenes})
     caption_index = {c: i for i, c in enumerate(captions)}
     ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
@@ -216,14 +221,15 @@ def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: 
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,))
         xt = noise_scheduler.add_noise(x0, noise, t)
         pred = unet(xt, t, text_encoder(tokens)[0]).sample
-        weight = snr[t].clamp(max=5.0) / snr[t]  # min-SNR-5
-        loss = (weight * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+        # v-prediction, unweighted: at high noise this is a loss on the predicted image, where the prompt decides
+        # where the shape goes (an epsilon loss gives that decision a weight of about alpha_bar, i.e. none)
+        loss = F.mse_loss(pred, noise_scheduler.get_velocity(x0, noise, t))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         stage.step += 1
-        decay = min(0.999, (1 + stage.step) / (10 + stage.step))
+        decay = min(ema_decay, (1 + stage.step) / (10 + stage.step))
         with torch.no_grad():
             for key, live in (("unet", unet), ("text_encoder", text_encoder)):
                 for e, p in zip(ema[key].parameters(), live.parameters()):
@@ -269,9 +275,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", type=Path, default=REPO / ".train" / "shapes")
     p.add_argument("--out", type=Path, default=REPO / "dcaccel" / "weights" / "shapes")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--scorer-steps", type=int, default=1500)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--vae-steps", type=int, default=1000)
+    p.add_argument("--scorer-steps", type=int, default=1000)
+    p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
@@ -279,6 +285,9 @@ def main(argv=None):
     p.add_argument("--real-images", type=int, default=NUM_REAL_EVAL, help="held-out real images for checks")
     p.add_argument("--eval-every", type=int, default=1000, help="U-Net steps between prompt-accuracy checks")
     p.add_argument("--eval-scenes", type=int, default=60, help="prompts in each check (default 60)")
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--reset-ema", action="store_true", help="restart the U-Net's EMA from its live weights")
+    p.add_argument("--note", default="", help="free text recorded in shapes.json (e.g. how a run was resumed)")
     p.add_argument("--stop-after", choices=["vae", "scorer", "unet"], help="stop after this stage (no export)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -299,7 +308,8 @@ def main(argv=None):
         return
     comps, unet, text_encoder, unet_steps = train_unet(args.work_dir, vae, scaling, latents, train_scenes, scorer,
                                                        args.unet_steps, args.batch, args.lr, args.eval_every,
-                                                       vae_steps, args.eval_scenes)
+                                                       vae_steps, args.eval_scenes, args.ema_decay,
+                                                       args.reset_ema)
     if args.stop_after == "unet":
         return
     pipe = make_pipeline(comps, unet, text_encoder, vae, scaling)
@@ -309,7 +319,9 @@ def main(argv=None):
         "trained_on": "build_scripts/train_shapes.py: %d images of %d scenes (seed 0); held-out scenes: %s"
                       % (args.num_images, len(data.training_scenes()), [s.caption for s in data.held_out_scenes()]),
         "steps": {"vae": vae_steps, "scorer": args.scorer_steps, "unet": unet_steps},
-        "batch": args.batch, "lr": args.lr,
+        "batch": args.batch, "lr": args.lr, "ema_decay": args.ema_decay, "note": args.note,
+        "scheduler": {k: shapes_model.SCHEDULER_CONFIG[k] for k in ("beta_schedule", "beta_start", "beta_end",
+                                                                   "prediction_type")},
         "vae_psnr_db": round(psnr(recon, real), 2),
         "scorer_accuracy_real": score.accuracy(scorer, real, real_scenes),
         "scorer_accuracy_vae_reconstructions": score.accuracy(scorer, recon, real_scenes),

@@ -21,7 +21,7 @@ from dcaccel.shapes.score import accuracy, chance_accuracy, frechet_distance, pi
 REPO = Path(__file__).resolve().parents[1]
 # Figures the shipped model reached when these tests were written (2026-11-23, see README): the tests assert
 # bounds below them with room for run-to-run differences of the seeds, not the figures themselves.
-MIN_PROMPT_ACCURACY = 0.80
+MIN_PROMPT_ACCURACY = 0.95  # the issue asks for 80%; reached 100% (all 120 captions and the 12 held-out ones)
 DEEPCACHE_MARGIN = 0.05  # N=3 B=0 may lose at most 5 points of prompt accuracy against no DeepCache
 
 
@@ -128,6 +128,7 @@ def test_shipped_model_draws_what_the_prompt_says(shipped, prompt_runs):
     held_acc = accuracy(scorer, baseline[mask], [s for s in scenes if s in held])
     print(f"prompt accuracy without DeepCache: {acc} (chance {chance_accuracy():.1%}); held-out scenes {held_acc}")
     assert acc["all"] >= MIN_PROMPT_ACCURACY
+    assert held_acc["all"] >= 0.9  # combinations never seen in training: composition, not memory
     for attribute in data.ATTRIBUTES:
         assert acc[attribute] >= 0.9, (attribute, acc)
 

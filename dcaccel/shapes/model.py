@@ -30,9 +30,16 @@ TEXT_CONFIG = {
     "max_position_embeddings": 16, "hidden_act": "quick_gelu", "projection_dim": 64,
     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1,
 }
-SCHEDULER_CONFIG = {  # SD's noise schedule
-    "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+# DDPM's linear schedule, not SD's scaled-linear one: in 16x16 latents SD's schedule leaves enough signal at
+# t = T (sqrt(alpha_bar) 0.068; a quadrant's mean of 256 noise values has std 0.06) for the model to read the
+# shape's position off the starting noise instead of the prompt. Measured: trained with it for 1000 steps,
+# shape, colour and size were right 98% of the time and position at chance (20%). Linear: sqrt(alpha_bar_T) 0.006.
+# v-prediction: with epsilon prediction the loss at high noise, where the prompt has to decide where the shape
+# goes, weighs that decision by about alpha_bar (nothing): 1000 more steps on the linear schedule left position
+# at chance. The v loss at high noise is a loss on the predicted image.
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "v_prediction",
 }
 
 
