@@ -121,7 +121,7 @@ def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch
         index = json.load(f)
     family = "sdxl" if "text_encoder_2" in index else "sd"
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
-    pipe = pipeline_class(family, task).from_pretrained(model, torch_dtype=dtype, local_files_only=True, **kwargs)
+    pipe = pipeline_class(family, task).from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -52,7 +52,7 @@ def test_generate_bad_input(tmp_path, capsys):
     assert main(base + ["--mask", "m.png"]) == 2
     assert "--mask needs --image" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "nowhere")]) == 2
-    assert "neither a local pipeline directory nor an embedded architecture" in capsys.readouterr().err
+    assert "neither a local pipeline directory nor an embedded model" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

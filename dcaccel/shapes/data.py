@@ -114,7 +114,7 @@ def to_tensor(images: np.ndarray):
     """uint8 NHWC -> float NCHW in [-1, 1], the range the VAE works in."""
     import torch
 
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
 
 
 def labels_tensor(scenes: list[Scene]):
