@@ -91,6 +91,17 @@ class Stage:
     def lr(self, peak: float, warmup: int) -> float:
         return lr_at(self.step, self.schedule_steps, peak, warmup)
 
+    def optimise(self, loss, peak: float, warmup: int, clip: float | None = None):
+        """One optimiser step on `loss` at the scheduled learning rate."""
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr(peak, warmup)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], clip)
+        self.opt.step()
+        self.step += 1
+
     def save(self):
         save_atomic({"modules": {k: m.state_dict() for k, m in self.modules.items()},
                      "optimiser": self.opt.state_dict(), "step": self.step, "rng": torch.get_rng_state(),
@@ -103,17 +114,12 @@ def train_vae(work: Path, images: torch.Tensor, real: torch.Tensor, steps: int, 
     stage = Stage(work, "vae", {"vae": vae}, opt, steps, {"num_images": len(images)})
     vae.train()
     while not stage.done:
-        for g in opt.param_groups:
-            g["lr"] = stage.lr(1e-3, 100)
         x = images[torch.randint(len(images), (batch,))]
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         kl = post.kl().mean() / x[0].numel()
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stage.step += 1
+        stage.optimise(loss, 1e-3, 100)
         if stage.step % 100 == 0 or stage.done:
             stage.save()
             vae.eval()
@@ -153,15 +159,10 @@ def train_scorer(work: Path, images, labels, real, real_scenes, steps: int, batc
     stage = Stage(work, "scorer", {"scorer": scorer}, opt, steps, {"num_images": len(images)})
     scorer.train()
     while not stage.done:
-        for g in opt.param_groups:
-            g["lr"] = stage.lr(2e-3, 50)
         idx = torch.randint(len(images), (batch,))
         logits = scorer(augment(images[idx]))
         loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in logits)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        stage.step += 1
+        stage.optimise(loss, 2e-3, 50)
         if stage.step % 100 == 0 or stage.done:
             stage.save()
             scorer.eval()
@@ -212,8 +213,6 @@ def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: 
     unet.train(), text_encoder.train()
     t0 = time.time()
     while not stage.done:
-        for g in opt.param_groups:
-            g["lr"] = stage.lr(lr, 200)
         idx = torch.randint(len(latents), (batch,))
         tokens = ids[torch.where(torch.rand(batch) < 0.1, empty, scene_ids[idx])]  # 10% unconditional, for CFG
         x0 = latents[idx]
@@ -224,11 +223,7 @@ def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: 
         # v-prediction, unweighted: at high noise this is a loss on the predicted image, where the prompt decides
         # where the shape goes (an epsilon loss gives that decision a weight of about alpha_bar, i.e. none)
         loss = F.mse_loss(pred, noise_scheduler.get_velocity(x0, noise, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        stage.step += 1
+        stage.optimise(loss, lr, 200, clip=1.0)
         decay = min(ema_decay, (1 + stage.step) / (10 + stage.step))
         with torch.no_grad():
             for key, live in (("unet", unet), ("text_encoder", text_encoder)):
