@@ -53,12 +53,6 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """a, b in [-1, 1]; PSNR over the [0, 1] range, averaged per image."""
-    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return float((10 * torch.log10(1 / mse)).mean())
-
-
 class Stage:
     """A resumable loop: modules, optimiser, step and RNG state, saved by the caller every so many steps and at
     the end. `inputs` names what the stage was trained on (image count, VAE steps): resuming on other inputs is
@@ -124,7 +118,8 @@ def train_vae(work: Path, images: torch.Tensor, real: torch.Tensor, steps: int, 
             stage.save()
             vae.eval()
             with torch.no_grad():
-                p = psnr(vae.decode(vae.encode(real[:256]).latent_dist.mode()).sample.clamp(-1, 1), real[:256])
+                recon = vae.decode(vae.encode(real[:256]).latent_dist.mode()).sample.clamp(-1, 1)
+                p = score.psnr(recon, real[:256])
             vae.train()
             log(work, stage="vae", step=stage.step, loss=round(loss.item(), 5), psnr=round(p, 2))
     return vae.eval(), stage.step
@@ -317,7 +312,7 @@ def main(argv=None):
         "batch": args.batch, "lr": args.lr, "ema_decay": args.ema_decay, "note": args.note,
         "scheduler": {k: shapes_model.SCHEDULER_CONFIG[k] for k in ("beta_schedule", "beta_start", "beta_end",
                                                                    "prediction_type")},
-        "vae_psnr_db": round(psnr(recon, real), 2),
+        "vae_psnr_db": round(score.psnr(recon, real), 2),
         "scorer_accuracy_real": score.accuracy(scorer, real, real_scenes),
         "scorer_accuracy_vae_reconstructions": score.accuracy(scorer, recon, real_scenes),
     }

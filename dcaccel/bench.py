@@ -622,12 +622,10 @@ class Bench:
         if model in ARCHITECTURES:
             pipe = build_pipeline(model, seed=0)
             name, weights = model, "random weights"
-        elif model in TRAINED:
-            pipe = load_pipeline(model)
-            name, weights = model, "trained weights shipped in dcaccel/weights"
         else:
             pipe = load_pipeline(model)
-            name, weights = Path(model).resolve().name, f"weights from {model}"
+            name, weights = ((model, "trained weights shipped in dcaccel/weights") if model in TRAINED
+                             else (Path(model).resolve().name, f"weights from {model}"))
         return pipe.to(self.device), name, weights
 
     def _set_scheduler(self):

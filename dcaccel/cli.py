@@ -202,31 +202,6 @@ def cache_config(args):
                            cache_end=args.cache_end)
 
 
-class UNetTimer:
-    """Times the calls of a plain (not DeepCache) U-Net with forward hooks, removed by close()."""
-
-    def __init__(self, unet):
-        import torch
-
-        self.seconds = 0.0
-        self.calls = 0
-        self._sync = torch.cuda.synchronize if unet.device.type == "cuda" else (lambda: None)
-        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
-
-    def _pre(self, module, args):
-        self._sync()
-        self._start = time.perf_counter()
-
-    def _post(self, module, args, output):
-        self._sync()
-        self.seconds += time.perf_counter() - self._start
-        self.calls += 1
-
-    def close(self):
-        for h in self._handles:
-            h.remove()
-
-
 def generate(args) -> int:
     """Generate one image with DeepCache and print the U-Net-loop and total times; with --baseline, also the
     plain pipeline's, the speedup and the difference between the two images."""
@@ -236,6 +211,7 @@ def generate(args) -> int:
 
     from . import pipeline as dc
     from .models import default_resolution
+    from .runtime import UNetTimer
 
     _set_threads(args.threads)
     if args.mask and not args.image:

@@ -38,6 +38,36 @@ class StepStats:
         return sum(self.full_seconds) + sum(self.shallow_seconds)
 
 
+class UNetTimer:
+    """Times the calls of a plain (not DeepCache) U-Net with forward hooks, removed by close() or at the end of a
+    `with` block: the no-cache counterpart of StepStats.unet_seconds."""
+
+    def __init__(self, unet):
+        self.seconds = 0.0
+        self.calls = 0
+        self._sync = torch.cuda.synchronize if unet.device.type == "cuda" else (lambda: None)
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        self._sync()
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self._sync()
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def close(self):
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class DeepCacheUNet(nn.Module):
     """Takes the U-Net's place in a pipeline and runs the DeepCache step loop on a backend's runner.
 

@@ -12,9 +12,10 @@ import torch
 
 from .. import pipeline as dc
 from ..config import DeepCacheConfig
+from ..runtime import UNetTimer
 from . import GUIDANCE_SCALE
 from .data import Scene, all_scenes, held_out_scenes, make_dataset, to_tensor
-from .score import accuracy, chance_accuracy, features, frechet_distance, pipeline_images
+from .score import accuracy, chance_accuracy, features, frechet_distance, pipeline_images, psnr
 
 DEFAULT_SETTINGS = (
     [DeepCacheConfig(interval=n, branch=0) for n in (2, 3, 5, 10)]
@@ -29,32 +30,11 @@ def label(config: DeepCacheConfig | None) -> str:
     return f"N={config.interval} B={config.branch} {config.schedule}"
 
 
-class _UNetClock:
-    """Seconds inside the plain U-Net's forward (hooks, removed on exit)."""
-
-    def __init__(self, unet):
-        self.unet, self.seconds = unet, 0.0
-
-    def __enter__(self):
-        def pre(module, args):
-            self._t = time.perf_counter()
-
-        def post(module, args, output):
-            self.seconds += time.perf_counter() - self._t
-
-        self._hooks = [self.unet.register_forward_pre_hook(pre), self.unet.register_forward_hook(post)]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-
-
 def generate(pipe, config: DeepCacheConfig | None, scenes: list[Scene], seed: int, steps: int, guidance: float):
     """Images for `scenes` (seed per image: seed + index) and the seconds spent in the U-Net loop and overall."""
     start = time.perf_counter()
     if config is None:
-        with _UNetClock(pipe.unet) as clock:
+        with UNetTimer(pipe.unet) as clock:
             images = pipeline_images(pipe, scenes, seed, steps, guidance)
         return images, clock.seconds, time.perf_counter() - start
     dc.enable(pipe, config)
@@ -106,7 +86,6 @@ def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps
         held_acc = accuracy(scorer, imgs[held_mask], [s for s in scenes if s in held]) if held_mask.any() else None
         unet_ratio = statistics.median(b[0] / t[0] for b, t in zip(times[label(None)], times[name]))
         total_ratio = statistics.median(b[1] / t[1] for b, t in zip(times[label(None)], times[name]))
-        mse = ((imgs - base) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
         records.append({
             "setting": name, "config": None if config is None else config.to_dict(),
             "images": len(scenes), "steps": steps, "guidance": guidance,
@@ -114,7 +93,7 @@ def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps
             "held_out_scene_accuracy": held_acc and held_acc["all"], "held_out_images": int(held_mask.sum()),
             "fid_scorer": frechet_distance(features(scorer, imgs), real_feats),
             "agreement_with_baseline": float(np.mean(_readings(scorer, imgs) == base_read)),
-            "psnr_to_baseline_db": float((10 * torch.log10(1 / mse)).mean()),
+            "psnr_to_baseline_db": psnr(imgs, base),
             "unet_seconds": statistics.median(t[0] for t in times[name]),
             "total_seconds": statistics.median(t[1] for t in times[name]),
             "speedup_unet": unet_ratio, "speedup_total": total_ratio,

@@ -29,6 +29,12 @@ def accuracy(scorer, images: torch.Tensor, scenes: list[Scene]) -> dict[str, flo
     return result
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two batches of images in [-1, 1], over the [0, 1] range, averaged per image."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1 / mse)).mean())
+
+
 def chance_accuracy() -> float:
     """Prompt accuracy of uniformly random guesses, for all attributes at once."""
     return float(np.prod([1 / len(v) for v in ATTRIBUTES.values()]))
