@@ -22,9 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dcaccel  # noqa: E402
-from dcaccel.build import build_engines  # noqa: E402
+from dcaccel.engines import Manifest, build_engines  # noqa: E402
 from dcaccel.config import BuildConfig, DeepCacheConfig  # noqa: E402
-from dcaccel.manifest import Manifest  # noqa: E402
 from dcaccel.lora import LoraSpec, apply_loras, lora_record, remove_loras, swap_loras  # noqa: E402
 from dcaccel.models import build_pipeline, default_resolution  # noqa: E402
 

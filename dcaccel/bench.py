@@ -36,14 +36,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends.base import MissingDependencyError
-from .build import build_engines, pipeline_geometry
 from .config import BuildConfig, DeepCacheConfig
+from .engines import build_engines
+from .errors import MissingDependencyError
+from .families.unet import graph_specs, num_branches, split_unet
 from .models import ARCHITECTURES, TRAINED, build_pipeline, default_resolution, load_pipeline
 from .pipeline import disable, enable, last_stats
 from .runtime import StepStats
-from .spec import graph_specs
-from .split import num_branches, split_unet
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +110,8 @@ def graph_flops(unet, build: BuildConfig, vae_scale: int, text_len: int) -> dict
     Counted on a copy of the architecture on the meta device (no weights, no arithmetic; the counts equal those
     on CPU, see tests/test_bench.py), or on the U-Net itself if that copy cannot be made.
     """
-    specs = graph_specs(unet, build, vae_scale, text_len)
+    branch = build.branch or 0
+    specs = graph_specs(unet, branch, build, vae_scale, text_len)
     attempts = [("meta", "FlopCounterMode on a meta-device copy of the U-Net"),
                 (unet.device, "FlopCounterMode on the U-Net")]
     for device, method in attempts:
@@ -121,7 +121,7 @@ def graph_flops(unet, build: BuildConfig, vae_scale: int, text_len: int) -> dict
                     model = type(unet).from_config(unet.config).eval()
             else:
                 model = unet
-            full, shallow = split_unet(model, build.branch)
+            full, shallow = split_unet(model, branch)
             counts = {name: count_flops(graph, specs[name].sample_inputs(device=device))
                       for name, graph in (("full", full), ("shallow", shallow))}
             return {**counts, "method": method}
@@ -574,7 +574,7 @@ class Bench:
         self._set_scheduler()
         self.loras = self._apply_loras()
         self.unet = self.pipe.unet  # the pipeline's own U-Net (while dcaccel is enabled, pipe.unet is its wrapper)
-        self.vae_scale, self.text_len = pipeline_geometry(self.pipe)
+        self.vae_scale, self.text_len = int(self.pipe.vae_scale_factor), int(self.pipe.tokenizer.model_max_length)
         self.height = args.height or default_resolution(self.pipe)
         self.width = args.width or default_resolution(self.pipe)
         self.cfg = args.guidance > 1  # the pipelines batch [uncond, cond] exactly when guidance_scale > 1
@@ -731,7 +731,9 @@ class Bench:
             options["engine_dir"] = engine["engine_dir"]
             info.update(build_seconds=engine["build_seconds"], build_note=engine["build_note"])
             if case.backend == "onnxruntime":
-                options.update(provider="cuda" if self.device.type == "cuda" else "cpu", threads=self.args.threads)
+                options["provider"] = "cuda" if self.device.type == "cuda" else "cpu"
+                if self.args.threads:
+                    options["threads"] = self.args.threads
         elif case.backend == "torch_compile":
             options.update(height=self.height, width=self.width, batch_size=self.args.batch, cfg=self.cfg)
         start = time.perf_counter()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ SCHEDULERS = {
     "lcm": "LCMScheduler",
 }
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_STEPS = 1000
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as e:
+    except KeyboardInterrupt:
+        print(f"dcaccel {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as e:
         if args.verbose:
             raise
         print(f"dcaccel {args.command}: error: {e}", file=sys.stderr)
@@ -66,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
     add_cache_arguments(gen)
     gen.add_argument("--backend", default="eager", help="eager, torch_compile, onnxruntime or tensorrt")
+    add_option_argument(gen)
     gen.add_argument("--engine-dir", help="built engines for --backend (from `dcaccel build`); without one an "
                                           "engine backend builds for this call's shapes first")
     gen.add_argument("--image", help="input image: img2img (or inpainting with --mask)")
@@ -112,7 +118,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, default=3, help="full U-Net every N evaluations (1 = off; default 3)")
-    p.add_argument("--branch", type=int, default=0, help="skip branch, 0 = shallowest (default 0)")
+    add_cut_arguments(p)
     p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit"), default="uniform")
     p.add_argument("--center", type=int, help="nonuniform: the step full steps gather around")
     p.add_argument("--power", type=float, default=1.4, help="nonuniform: shape of the schedule (default 1.4)")
@@ -121,11 +127,22 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-end", type=int, help="cache only before this evaluation")
 
 
+def add_cut_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--branch", type=int, help="U-Nets: the skip branch the graphs are cut at, 0 = shallowest and "
+                                              "fastest (default 0)")
+
+
+def add_option_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, e.g. exporter=dynamo or threads=2 (onnxruntime), freezing=false "
+                        "(torch_compile), cuda_graph=true (tensorrt); an unknown key lists the allowed ones")
+
+
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--no-cfg", action="store_true", help="build for guidance_scale <= 1 (no batched guidance)")
-    p.add_argument("--branch", type=int, default=0, help="skip branch the graphs are split at (default 0)")
+    add_cut_arguments(p)
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime, torch_compile or tensorrt")
     p.add_argument("--out", default="engines", help="output directory (default engines/)")
     p.add_argument("--name", help="model name in the output path (default: architecture or directory name)")
@@ -133,10 +150,10 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipeline the engines are for (inpaint U-Nets take 9 input channels)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse this LoRA before building (repeatable)")
-    p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels")
-    p.add_argument("--refittable", action="store_true", help="TensorRT: refittable engines (LoRA swaps)")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="backend option, e.g. exporter=dynamo (onnxruntime) or freezing=false (torch_compile)")
+    p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels (the option fp16=true)")
+    p.add_argument("--refittable", action="store_true",
+                   help="TensorRT: refittable engines for LoRA swaps (the option refittable=true)")
+    add_option_argument(p)
     p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key exists")
 
 
@@ -185,6 +202,64 @@ def model_label(model: str) -> str:
     return f"local pipeline {os.path.abspath(model)}"
 
 
+def check_model_arguments(args) -> None:
+    """The arguments every command shares, checked before anything loads: one line naming what is wrong."""
+    import torch
+
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8 or value > 8192):
+            raise ValueError(f"--{name} must be a multiple of 8 in 8..8192 (pixels), got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r} is not a device torch knows ({e}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA device here (torch.cuda.is_available() is "
+                         "False); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def check_generate_arguments(args) -> None:
+    check_model_arguments(args)
+    if not 1 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be an integer in 1..{MAX_STEPS}, got {args.steps}")
+    if not 0 <= args.seed < 2 ** 64:
+        raise ValueError(f"--seed must be an integer in 0..2**64-1 (a 64-bit generator seed), got {args.seed}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise ValueError(f"--guidance must be a number in 0..100, got {args.guidance}")
+    if args.mask and not args.image:
+        raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
+    if args.image:
+        if not math.isfinite(args.strength) or not 0 < args.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+        if int(args.steps * args.strength) < 1:
+            raise ValueError(f"--strength {args.strength} with --steps {args.steps} runs no denoising step "
+                             f"(steps x strength must be >= 1): raise --strength to at least {1 / args.steps:.3g} "
+                             "or give more --steps")
+        for flag, path in (("--image", args.image), ("--mask", args.mask)):
+            if path:
+                _open_image(flag, path).close()
+
+
+def _open_image(flag: str, path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give an image file (PNG, JPEG, ...)")
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{flag} {path} is not an image PIL can read ({type(e).__name__}: {e})") from None
+    return image
+
+
 def load_model(args, task: str = "text2img"):
     from .models import load_pipeline
 
@@ -202,20 +277,30 @@ def cache_config(args):
                            cache_end=args.cache_end)
 
 
+def save_image(image, path: Path) -> None:
+    """Write a PNG under a temporary name and rename it into place: an interrupted run leaves no partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def generate(args) -> int:
-    """Generate one image with DeepCache and print the U-Net-loop and total times; with --baseline, also the
+    """Generate one image with DeepCache and print the denoiser-loop and total times; with --baseline, also the
     plain pipeline's, the speedup and the difference between the two images."""
     import diffusers
     import torch
-    from PIL import Image
 
     from . import pipeline as dc
+    from .families import family_of_pipeline
     from .models import default_resolution
-    from .runtime import UNetTimer
+    from .runtime import DenoiserTimer
 
+    check_generate_arguments(args)
     _set_threads(args.threads)
-    if args.mask and not args.image:
-        raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
     task = "inpaint" if args.mask else "img2img" if args.image else "text2img"
     config = cache_config(args)
     if args.model == "shapes":
@@ -230,63 +315,67 @@ def generate(args) -> int:
     pipe = load_model(args, task)
     print(f"loaded in {time.perf_counter() - start:.1f} s ({task})")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    denoiser_name = family_of_pipeline(pipe).denoiser_attr
+    label = "U-Net" if denoiser_name == "unet" else "transformer"
     size = default_resolution(pipe)
     height, width = args.height or size, args.width or size
     call = {"prompt": args.prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance}
     if task == "text2img":
         call.update(height=height, width=width)
     else:
-        call.update(image=Image.open(args.image).convert("RGB").resize((width, height)), strength=args.strength)
+        call.update(image=_open_image("--image", args.image).convert("RGB").resize((width, height)),
+                    strength=args.strength)
         if task == "inpaint":
-            call.update(mask_image=Image.open(args.mask).convert("L").resize((width, height)), height=height,
-                        width=width)
+            call.update(mask_image=_open_image("--mask", args.mask).convert("L").resize((width, height)),
+                        height=height, width=width)
 
-    def run(label):
+    def run():
         t0 = time.perf_counter()
         image = pipe(**call, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
         return image, time.perf_counter() - t0
 
     baseline = None
     if args.baseline:
-        timer = UNetTimer(pipe.unet)
-        try:
-            base_image, base_total = run("baseline")
-        finally:
-            timer.close()
+        with DenoiserTimer(getattr(pipe, denoiser_name)) as timer:
+            base_image, base_total = run()
         baseline = (base_image, base_total, timer.seconds, timer.calls)
 
-    options = {}
+    options = dict(_option(o) for o in args.option)
     if args.backend != "eager":
         if args.engine_dir:
             options["engine_dir"] = args.engine_dir
         else:
             options.update(height=height, width=width, batch_size=1, cfg=args.guidance > 1, dtype=args.dtype)
         if args.threads and args.backend == "onnxruntime":
-            options["threads"] = args.threads
+            options.setdefault("threads", args.threads)
+    elif args.engine_dir:
+        raise ValueError("--engine-dir needs an engine backend (--backend onnxruntime, torch_compile or tensorrt)")
     t0 = time.perf_counter()
     dc.enable(pipe, config, backend=args.backend, **options)
-    setup = time.perf_counter() - t0
-    if args.backend != "eager":
-        print(f"backend {args.backend}: ready in {setup:.1f} s (build/compile/load, not in the times below)")
-    image, total = run("deepcache")
-    stats = dc.last_stats(pipe)
-    dc.disable(pipe)
+    try:
+        setup = time.perf_counter() - t0
+        if args.backend != "eager":
+            print(f"backend {args.backend}: ready in {setup:.1f} s (build/compile/load, not in the times below)")
+        image, total = run()
+        stats = dc.last_stats(pipe)
+        state = dc.enabled_state(pipe)
+    finally:
+        dc.disable(pipe)
 
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    save_image(image, out)
     n_full, n_shallow = len(stats.full_steps), len(stats.shallow_steps)
-    print(f"DeepCache {args.backend} (interval {args.interval}, branch {args.branch}, {args.schedule}): "
-          f"{n_full} full + {n_shallow} shallow U-Net evaluations")
-    print(f"  U-Net loop {stats.unet_seconds:.2f} s, total {total:.2f} s -> {out}")
+    print(f"DeepCache {args.backend} (interval {args.interval}, {state.family.cut_text(state.cut)}, {args.schedule}): "
+          f"{n_full} full + {n_shallow} shallow {label} evaluations")
+    print(f"  {label} loop {stats.denoiser_seconds:.2f} s, total {total:.2f} s -> {out}")
     if baseline:
-        base_image, base_total, base_unet, base_calls = baseline
+        base_image, base_total, base_denoiser, base_calls = baseline
         base_out = out.with_name(out.stem + "-baseline" + out.suffix)
-        base_image.save(base_out)
+        save_image(base_image, base_out)
         psnr, max_diff = image_difference(base_image, image)
-        print(f"baseline (plain pipeline, eager): {base_calls} U-Net evaluations")
-        print(f"  U-Net loop {base_unet:.2f} s, total {base_total:.2f} s -> {base_out}")
-        print(f"speedup: U-Net loop {base_unet / stats.unet_seconds:.2f}x, total {base_total / total:.2f}x")
+        print(f"baseline (plain pipeline, eager): {base_calls} {label} evaluations")
+        print(f"  {label} loop {base_denoiser:.2f} s, total {base_total:.2f} s -> {base_out}")
+        print(f"speedup: {label} loop {base_denoiser / stats.denoiser_seconds:.2f}x, total {base_total / total:.2f}x")
         print(f"image difference to baseline: PSNR {psnr:.2f} dB, max |diff| {max_diff} of 255")
     if args.model == "shapes":
         report_shapes_reading(args.prompt, {"DeepCache": image, **({"baseline": baseline[0]} if baseline else {})})
@@ -328,42 +417,49 @@ def image_difference(a, b) -> tuple[float, int]:
     return psnr, int(np.abs(x - y).max())
 
 
+def build_options(args) -> dict:
+    options = dict(_option(o) for o in args.option)
+    for flag in ("fp16", "refittable"):
+        if getattr(args, flag):
+            if args.backend != "tensorrt":
+                raise ValueError(f"--{flag} is a tensorrt option; backend {args.backend!r} does not take it")
+            options[flag] = True
+    return options
+
+
 def build(args) -> int:
-    """Build the full and shallow graphs of a model for one resolution, batch, dtype and branch into
+    """Build the full and shallow graphs of a model for one resolution, batch, dtype and cut into
     <out>/<model>/<key>/ with a manifest. A build whose key matches is skipped (--force rebuilds); files are
-    written to a temporary directory renamed when complete."""
-    from .build import build_engines
+    written to a temporary directory renamed into place when complete."""
     from .config import BuildConfig
+    from .engines import Manifest, build_engines
     from .models import ARCHITECTURES, TRAINED, default_resolution
 
-    options = dict(_option(o) for o in args.option)
+    check_model_arguments(args)
+    options = build_options(args)
+    if not 1 <= args.batch <= 64:
+        raise ValueError(f"--batch must be an integer in 1..64, got {args.batch}")
     print(f"model: {model_label(args.model)}")
     pipe = load_model(args, args.task)
-    loras = None
     if args.lora:
-        from .lora import apply_loras, lora_record, parse_lora_argument
+        from .lora import apply_loras, parse_lora_argument
 
-        specs = [parse_lora_argument(text) for text in args.lora]
-        apply_loras(pipe, specs, fuse=True)
-        loras = lora_record(specs)
+        apply_loras(pipe, [parse_lora_argument(text) for text in args.lora], fuse=True)
     size = default_resolution(pipe)
     config = BuildConfig(height=args.height or size, width=args.width or size, batch_size=args.batch,
                          cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, backend=args.backend,
-                         device=args.device, fp16=args.fp16, refittable=args.refittable, options=options)
+                         device=args.device, options=options)
     name = args.name or (args.model if args.model in ARCHITECTURES + TRAINED else Path(args.model).resolve().name)
     start = time.perf_counter()
-    directory, built = build_engines(pipe, config, out_dir=args.out, model_name=name, force=args.force,
-                                     loras=loras, progress=True)
+    directory, built = build_engines(pipe, config, out_dir=args.out, model_name=name, force=args.force)
     if not built:
         print(f"up to date: {directory} (same key; --force rebuilds)")
         return 0
-    from .manifest import Manifest
-
     manifest = Manifest.read(directory)
     print(f"built {config.backend} engines in {time.perf_counter() - start:.1f} s: {directory}")
     for graph, info in manifest.data["graphs"].items():
-        reached = info.get("tolerance", {}).get("reached")
-        print(f"  {graph}: {', '.join(info.get('all_files', [])) or '(in-process cache)'}; checked: {reached}")
+        reached = {k: f"max |diff| {v['max_abs']:.2e}" for k, v in info["tolerance"]["reached"].items()}
+        print(f"  {graph}: {', '.join(info['files'].values()) or '(in-process cache)'}; against eager: {reached}")
     return 0
 
 

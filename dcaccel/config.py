@@ -1,19 +1,79 @@
-"""Frozen settings: what DeepCache does (DeepCacheConfig) and what an engine build fixes (BuildConfig)."""
+"""Frozen settings: what DeepCache does (DeepCacheConfig) and what an engine build fixes (BuildConfig).
+
+Every field is checked when the object is made: a wrong type or value is a ValueError that names the field and
+says what is allowed. Integers may be any integral type (Python or numpy) but not bools or floats; nothing is
+silently truncated.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 
 SCHEDULES = ("uniform", "nonuniform", "explicit")
 DTYPES = ("float32", "float16", "bfloat16")
+MAX_POWER = 8.0  # the non-uniform schedule's power law; beyond this every full step sits at the center anyway
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` as an int if it is an integer (not a bool, not a float) within [minimum, maximum]."""
+    allowed = _range_text(minimum, maximum)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer{allowed}, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be an integer{allowed}, got {value}")
+    return value
+
+
+def check_real(name: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """`value` as a float if it is a finite real number (not a bool, not a string) in [low, high] (or (low, high])."""
+    bracket = "(" if low_open else "["
+    allowed = f"a finite number in {bracket}{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be {allowed}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def check_power(power) -> float:
+    """The non-uniform schedule's power: a finite number with 1 < power <= MAX_POWER."""
+    if isinstance(power, bool) or not isinstance(power, numbers.Real) or not math.isfinite(power) \
+            or not 1.0 < power <= MAX_POWER:
+        raise ValueError(f"power must be > 1 and <= {MAX_POWER:g} (the schedule lowers it towards 1 until its full "
+                         f"steps fit), got {power!r}")
+    return float(power)
+
+
+def _range_text(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" in {minimum}..{maximum}"
+    if minimum is not None:
+        return f" >= {minimum}"
+    return ""
+
+
+def _int_tuple(name: str, values) -> tuple[int, ...]:
+    """A list of integers >= 0 (any integral type, not bools, floats or strings)."""
+    ok = not isinstance(values, (str, bytes)) and hasattr(values, "__iter__")
+    items = list(values) if ok else []
+    if not ok or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0 for v in items):
+        raise ValueError(f"{name} must be >= 0 integers in a list (evaluation indices), got {values!r}")
+    return tuple(int(v) for v in items)
 
 
 @dataclass(frozen=True)
 class DeepCacheConfig:
-    """Which U-Net evaluations run the full graph, and where the U-Net is cut.
+    """Which denoiser evaluations run the full graph, and where the denoiser is cut.
 
-    interval:   run the full U-Net every `interval` evaluations (1 = never cache).
-    branch:     skip branch, numbered as the reference's `cache_branch_id` (0 = shallowest, fastest).
+    interval:   run the full graph every `interval` evaluations (1 = never cache).
+    branch:     U-Nets: the skip branch, numbered as the reference's `cache_branch_id` (0 = shallowest,
+                fastest; the default).
+    head_blocks, tail_blocks: transformers (SD 3.x MMDiT): the first and last blocks that run on a cached step
+                (the family's defaults when not given).
     schedule:   "uniform" (every `interval`), "nonuniform" (the paper's: full steps denser around `center`,
                 spread by the power law `power`), or "explicit" (exactly the evaluations in `full_steps`).
     center, power:  shape of the non-uniform schedule (center defaults to 15 of 50 evaluations, scaled).
@@ -22,7 +82,9 @@ class DeepCacheConfig:
     """
 
     interval: int = 3
-    branch: int = 0
+    branch: int | None = None
+    head_blocks: int | None = None
+    tail_blocks: int | None = None
     schedule: str = "uniform"
     center: int | None = None
     power: float = 1.4
@@ -31,28 +93,28 @@ class DeepCacheConfig:
     cache_end: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.interval, int) or isinstance(self.interval, bool) or self.interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {self.interval!r}")
-        if not isinstance(self.branch, int) or isinstance(self.branch, bool) or self.branch < 0:
-            raise ValueError(f"branch must be an integer >= 0, got {self.branch!r}")
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        put("interval", check_int("interval", self.interval, 1))
+        for name in ("branch", "head_blocks", "tail_blocks", "center", "cache_end"):
+            if getattr(self, name) is not None:
+                put(name, check_int(name, getattr(self, name), 0))
+        put("cache_start", check_int("cache_start", self.cache_start, 0))
+        put("power", check_power(self.power))
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose from {list(SCHEDULES)}")
         if self.schedule == "explicit":
+            if self.full_steps is None:
+                raise ValueError("schedule='explicit' needs full_steps, a non-empty list of evaluation indices")
+            put("full_steps", _int_tuple("full_steps", self.full_steps))
             if not self.full_steps:
                 raise ValueError("schedule='explicit' needs full_steps, a non-empty list of evaluation indices")
-            object.__setattr__(self, "full_steps", tuple(int(s) for s in self.full_steps))
-            if min(self.full_steps) < 0:
-                raise ValueError(f"full_steps must be >= 0, got {list(self.full_steps)}")
         elif self.full_steps is not None:
             raise ValueError(f"full_steps is only used with schedule='explicit', not {self.schedule!r}")
-        if self.power <= 1.0:
-            raise ValueError(f"power must be > 1 (the schedule lowers it towards 1 until it fits), got {self.power}")
-        if self.center is not None and self.center < 0:
-            raise ValueError(f"center must be >= 0, got {self.center}")
-        if self.cache_start < 0:
-            raise ValueError(f"cache_start must be >= 0, got {self.cache_start}")
         if self.cache_end is not None and self.cache_end <= self.cache_start:
             raise ValueError(f"cache_end must be > cache_start ({self.cache_start}), got {self.cache_end}")
+        if self.branch is not None and (self.head_blocks is not None or self.tail_blocks is not None):
+            raise ValueError("branch is the cut of a U-Net, head_blocks/tail_blocks that of a transformer: give one "
+                             "or the other, not both")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,35 +122,52 @@ class DeepCacheConfig:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What an engine build fixes. Every field here is part of the engine key (see manifest.engine_key)."""
+    """What an engine build fixes: shapes, dtype, the cut, the backend and its build options.
+
+    The cut is `branch` for U-Nets, `head_blocks`/`tail_blocks` for transformers (None: the family's default).
+    `options` are the backend's (see its Options class: an unknown key is an error that lists the allowed ones).
+    """
 
     height: int = 512
     width: int = 512
     batch_size: int = 1            # images per prompt; the graph batch doubles with classifier-free guidance
     cfg: bool = True               # classifier-free guidance batched as [uncond, cond]
     dtype: str = "float32"
-    branch: int = 0
+    branch: int | None = None
+    head_blocks: int | None = None
+    tail_blocks: int | None = None
     backend: str = "onnxruntime"
     device: str = "cpu"
-    fp16: bool = False             # TensorRT: allow fp16 kernels
-    refittable: bool = False       # TensorRT: build refittable engines (LoRA swaps)
     options: dict = field(default_factory=dict, hash=False, compare=True)
 
     def __post_init__(self):
+        put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         for name in ("height", "width"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0 or v % 8:
-                raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's factor), got {v!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            value = check_int(name, getattr(self, name), 8)
+            if value % 8:
+                raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}")
+            put(name, value)
+        put("batch_size", check_int("batch_size", self.batch_size, 1, 64))
+        if not isinstance(self.cfg, bool):
+            raise ValueError(f"cfg must be True or False, got {self.cfg!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {list(DTYPES)}")
-        if self.branch < 0:
-            raise ValueError(f"branch must be >= 0, got {self.branch}")
+        for name in ("branch", "head_blocks", "tail_blocks"):
+            if getattr(self, name) is not None:
+                put(name, check_int(name, getattr(self, name), 0))
+        if self.branch is not None and (self.head_blocks is not None or self.tail_blocks is not None):
+            raise ValueError("branch is the cut of a U-Net, head_blocks/tail_blocks that of a transformer: give one "
+                             "or the other, not both")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"options must be a dict of backend options, got {type(self.options).__name__}")
 
     @property
     def graph_batch(self) -> int:
         return self.batch_size * (2 if self.cfg else 1)
+
+    def cache_config(self) -> DeepCacheConfig:
+        """The cut as a DeepCacheConfig (what a family resolves)."""
+        return DeepCacheConfig(branch=self.branch, head_blocks=self.head_blocks, tail_blocks=self.tail_blocks)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -33,12 +33,14 @@ from pathlib import Path
 
 import torch
 
+from .engines import record_fused_loras
+
 logger = logging.getLogger(__name__)
 
 _STATE = "_dcaccel_lora"
-_DEEPCACHE_STATE = "_dcaccel_state"  # pipeline.py's; the original U-Net lives there while DeepCache is enabled
 _LORA_SUFFIXES = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", ".lora_embedding_A", ".lora_embedding_B")
 _SHOWN = 5  # how many offending keys or modules an error lists
+MAX_SCALE = 100.0  # beyond this a LoRA only drowns the weights (and overflows fp16 ones)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,9 @@ class LoraSpec:
         if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
             raise TypeError(f"LoRA scale must be a number, got {self.scale!r} ({type(self.scale).__name__}) "
                             f"for {self.path}")
-        if not math.isfinite(self.scale):
-            raise ValueError(f"LoRA scale must be a finite number, got {self.scale!r} for {self.path}")
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_SCALE:
+            raise ValueError(f"LoRA scale must be a finite number in [-{MAX_SCALE:g}, {MAX_SCALE:g}], got "
+                             f"{self.scale!r} for {self.path}")
         object.__setattr__(self, "scale", float(self.scale))
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9_\-]+", self.name):
             raise ValueError(f"LoRA name must be letters, digits, '_' or '-', got {self.name!r}")
@@ -217,6 +220,10 @@ def _read(pipe, unet, spec: LoraSpec, name: str) -> _LoraFile:
                          "safetensors format only") from e
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"{path}: {_count(bad, 'tensor')} hold NaN or infinite values ({', '.join(bad[:_SHOWN])}); "
+                         "a LoRA must be finite")
     try:
         # diffusers' own conversion (kohya -> diffusers keys and alphas), on a copy: it pops from what it is given.
         converted, _ = type(pipe).lora_state_dict(dict(tensors), unet_config=unet.config)
@@ -324,18 +331,15 @@ def _shape_problem(module, a, b) -> str | None:
 
 
 @contextlib.contextmanager
-def _plain_unet(pipe):
-    """While DeepCache is enabled, pipe.unet is its wrapper; diffusers' loaders must see the original U-Net."""
-    dc = pipe.__dict__.get(_DEEPCACHE_STATE)
+def _plain_unet(pipe, dc):
+    """While DeepCache is enabled, pipe.unet is its step loop; diffusers' loaders must see the original U-Net."""
     if dc is None:
         yield pipe.unet
         return
-    wrapper = pipe.__dict__["unet"]
-    pipe.__dict__["unet"] = dc["unet"]
-    try:
-        yield dc["unet"]
-    finally:
-        pipe.__dict__["unet"] = wrapper
+    from .pipeline import _original_denoiser
+
+    with _original_denoiser(pipe, dc):
+        yield dc.denoiser
 
 
 @contextlib.contextmanager
@@ -371,16 +375,15 @@ def _copy_back(params: dict, saved: dict) -> None:
 
 def _change(pipe, specs: list[LoraSpec], fuse: bool):
     """Go from the LoRAs applied now (none, or fused ones) to `specs`; everything or nothing."""
+    from .pipeline import enabled_state
+
     state = pipe.__dict__.get(_STATE)
-    dc = pipe.__dict__.get(_DEEPCACHE_STATE)
-    runner = pipe.__dict__["unet"].runner if dc else None
-    if runner is not None and not hasattr(runner, "refit"):
-        raise RuntimeError(f"backend {dc['backend']!r} cannot take new weights (its runner has no refit); "
-                           "dcaccel.disable(pipe), change the LoRAs, and enable again")
-    if not fuse and dc and dc["backend"] != "eager":
-        raise ValueError(f"fuse=False keeps LoRA layers beside the weights, which the {dc['backend']!r} graphs do "
+    dc = enabled_state(pipe)
+    runner = dc.runner if dc else None
+    if not fuse and dc and dc.backend != "eager":
+        raise ValueError(f"fuse=False keeps LoRA layers beside the weights, which the {dc.backend!r} graphs do "
                          "not contain; fuse them (the default), or use the eager backend")
-    with _plain_unet(pipe) as unet:
+    with _plain_unet(pipe, dc) as unet:
         components = _components(pipe, unet)
         files = [_read(pipe, unet, s, n) for s, n in zip(specs, _names(specs))]
         ours = {r["name"] for r in state["record"]} if state and not state["fused"] else set()
@@ -411,8 +414,9 @@ def _change(pipe, specs: list[LoraSpec], fuse: bool):
             if files:
                 _load(pipe, files, components, fuse)
             _restore_requires_grad(components, grads)
-            if runner is not None:
-                runner.refit(unet)
+            _check_finite(components, new_targets)
+            if dc is not None:
+                dc.refit()
         except BaseException:
             _unload_adapters(pipe, components)
             _copy_back(params, saved)
@@ -420,12 +424,13 @@ def _change(pipe, specs: list[LoraSpec], fuse: bool):
             if unfused:  # its adapter layers were unloaded: load them again
                 _load(pipe, state["files"], components, fuse=False)
             _restore_requires_grad(components, grads)
-            if unfused and runner is not None:
-                runner.refit(unet)
+            if dc is not None:
+                dc.check_weights()  # refits only if the restored weights are not those the graphs hold
             raise
     record = [{"name": f.name, "sha256": f.sha256, "scale": f.spec.scale} for f in files]
     if runner is not None:
         runner.loras = [dict(r) for r in record]
+    record_fused_loras(pipe, record if fuse else [])
     if files:
         pipe.__dict__[_STATE] = {"specs": specs, "record": record, "fused": fuse, "originals": originals,
                                  "targets": {c: sorted(m) for c, m in new_targets.items()},
@@ -434,7 +439,7 @@ def _change(pipe, specs: list[LoraSpec], fuse: bool):
         pipe.__dict__.pop(_STATE, None)
     logger.info("LoRAs %s (%s) in %.2f s%s", [r["name"] for r in record] or "removed",
                 "fused" if fuse else "unfused", time.perf_counter() - start,
-                f", {dc['backend']} graphs refitted" if runner is not None else "")
+                f", {dc.backend} graphs refitted" if runner is not None else "")
     return pipe
 
 
@@ -456,6 +461,14 @@ def _unload_adapters(pipe, components: dict) -> None:
     caller."""
     if any(getattr(m, "peft_config", None) for m in components.values()):
         pipe.unload_lora_weights()
+
+
+def _check_finite(components: dict, targets: dict) -> None:
+    """The weights a LoRA changed are finite (a large scale can overflow fp16 weights); raise naming them."""
+    bad = [f"{c}.{n}" for (c, n), p in _weights(components, targets).items() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"fusing these LoRAs made {_count(bad, 'weight')} NaN or infinite ({', '.join(bad[:_SHOWN])}):"
+                         " lower their scales (or load the model in float32)")
 
 
 def _restore_requires_grad(components: dict, flags: dict) -> None:

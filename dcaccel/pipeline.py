@@ -1,53 +1,153 @@
-"""enable(pipe, ...) / disable(pipe): plug the DeepCache step loop into a diffusers pipeline, and take it out."""
+"""enable(pipe, ...) / disable(pipe): plug the DeepCache step loop into a diffusers pipeline, and take it out.
+
+While enabled, the pipeline's denoiser attribute (`unet` or `transformer`) is the step loop and its class a
+subclass of its own whose __call__:
+  - runs one call at a time: a second thread's call waits for the first (a diffusers pipeline keeps per-call
+    state on itself, so two calls at once would mix their steps); a call from inside a call is an error;
+  - checks that the denoiser's weights are still those the graphs hold (a cheap fingerprint, see
+    engines.weights_fingerprint) and refits the graphs if they changed (load_state_dict, a LoRA fused by
+    diffusers), or raises where the backend cannot take them (another dtype, a non-refittable engine);
+  - starts the step loop afresh, so nothing survives from one call to the next.
+`pipe.components` and `save_pretrained` see the original denoiser (pipelines made from the components are plain
+pipelines sharing the weights), and assigning another denoiser while enabled is refused. disable() gives back
+the exact original pipeline: its own denoiser object and class.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
-from .backends import get_backend
 from .config import DeepCacheConfig
-from .runtime import DeepCacheUNet
-from .split import check_unet, num_branches
+from .engines import open_runner, weights_fingerprint, fingerprints_equal
+from .errors import EngineError
+from .families import family_of_pipeline, supported_pipelines
+from .graphs.spec import GRAPHS, dtype_name
+from .runtime import DeepCacheDenoiser
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = (
-    "StableDiffusionPipeline",
-    "StableDiffusionImg2ImgPipeline",
-    "StableDiffusionInpaintPipeline",
-    "StableDiffusionXLPipeline",
-    "StableDiffusionXLImg2ImgPipeline",
-    "StableDiffusionXLInpaintPipeline",
-)
 _STATE = "_dcaccel_state"
-_CALL_CLASSES: dict[type, type] = {}
+_CLASSES: dict[type, type] = {}
+SUPPORTED_PIPELINES = tuple(supported_pipelines())
 
 
-def _check_pipeline(pipe) -> None:
-    import diffusers
+@dataclass
+class EnabledState:
+    """What dcaccel.enable did to a pipeline (see enabled_state)."""
 
-    classes = tuple(getattr(diffusers, name) for name in SUPPORTED_PIPELINES)
-    if not isinstance(pipe, classes):
-        raise TypeError(f"unsupported pipeline {type(pipe).__name__}; dcaccel supports {list(SUPPORTED_PIPELINES)}")
+    family: object
+    denoiser: torch.nn.Module          # the original denoiser
+    wrapper: DeepCacheDenoiser
+    runner: object
+    backend: str
+    config: DeepCacheConfig
+    cut: dict
+    original_class: type
+    info: dict
+    bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
+    fingerprint: tuple = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def graphs(self) -> dict[str, torch.nn.Module]:
+        return dict(zip(GRAPHS, self.family.split(self.denoiser, self.cut)))
+
+    def refit(self) -> float:
+        """Give the runner the denoiser's current weights (after a LoRA change). Returns the seconds it took."""
+        seconds = self.runner.refit(self.graphs())
+        self.fingerprint = weights_fingerprint(self.denoiser, values=self.bakes_weights)
+        return seconds
+
+    def check_weights(self) -> None:
+        """Refit if the denoiser's weights changed since the runner took them; raise if the runner cannot."""
+        now = weights_fingerprint(self.denoiser, values=self.bakes_weights)
+        if fingerprints_equal(now, self.fingerprint):
+            return
+        specs = self.info.get("specs")
+        engine_dtype = specs["full"].inputs[0].dtype if specs and self.runner.static_shapes is not None else None
+        if engine_dtype is not None and dtype_name(self.denoiser.dtype) != engine_dtype:
+            raise EngineError(
+                f"the {self.family.denoiser_attr} is now {dtype_name(self.denoiser.dtype)}, and the {self.backend} "
+                f"graphs were built for {engine_dtype}: dcaccel.disable(pipe), then enable it again with an engine "
+                f"for {dtype_name(self.denoiser.dtype)} (or move the pipeline back to {engine_dtype})")
+        try:
+            seconds = self.refit()
+        except (EngineError, RuntimeError, ValueError) as e:
+            raise EngineError(
+                f"the {self.family.denoiser_attr}'s weights changed after dcaccel.enable, and the {self.backend} graphs "
+                f"cannot take the new ones ({e}); dcaccel.disable(pipe) and enable it again (with a new build)") from e
+        if self.bakes_weights:
+            logger.warning("the %s's weights changed after dcaccel.enable: %s graphs refitted in %.2f s",
+                           self.family.denoiser_attr, self.backend, seconds)
 
 
-def _call_resetting_class(cls: type) -> type:
-    """A subclass of the pipeline's class whose __call__ resets the step loop first, so that no feature or step
-    count survives from one call to the next. disable() puts the original class back."""
-    if cls not in _CALL_CLASSES:
-        def __call__(self, *args, **kwargs):
-            self.unet.reset()
+def enabled_state(pipe) -> EnabledState | None:
+    """The state of an enabled pipeline (its original denoiser, runner, backend, config), or None."""
+    return pipe.__dict__.get(_STATE)
+
+
+def _enabled_class(cls: type, attr: str) -> type:
+    """The subclass of the pipeline's class that an enabled pipeline wears (see the module's docstring)."""
+    if cls in _CLASSES:
+        return _CLASSES[cls]
+
+    def __call__(self, *args, **kwargs):
+        state = enabled_state(self)
+        if state is None:
             return cls.__call__(self, *args, **kwargs)
+        if state.wrapper._owner_thread == threading.get_ident():
+            raise RuntimeError("this pipeline is already running a call in this thread; a DeepCache pipeline cannot "
+                               "be called from inside its own call")
+        with state.lock:
+            state.check_weights()
+            state.wrapper.begin_call()
+            try:
+                return cls.__call__(self, *args, **kwargs)
+            finally:
+                state.wrapper.end_call()
 
-        _CALL_CLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
-                                                          "_dcaccel_call_class": True})
-    return _CALL_CLASSES[cls]
+    def components(self):
+        comps = cls.components.fget(self)
+        state = enabled_state(self)
+        if state is not None and attr in comps:
+            comps[attr] = state.denoiser
+        return comps
+
+    def save_pretrained(self, *args, **kwargs):
+        state = enabled_state(self)
+        if state is None:
+            return cls.save_pretrained(self, *args, **kwargs)
+        with state.lock, _original_denoiser(self, state):
+            return cls.save_pretrained(self, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        if name == attr and enabled_state(self) is not None:
+            raise RuntimeError(f"DeepCache is enabled on this pipeline: dcaccel.disable(pipe) before replacing "
+                               f"pipe.{attr}, then enable it again")
+        cls.__setattr__(self, name, value)
+
+    _CLASSES[cls] = type(cls.__name__, (cls,), {
+        "__call__": __call__, "components": property(components), "save_pretrained": save_pretrained,
+        "__setattr__": __setattr__, "__module__": cls.__module__, "_dcaccel_enabled_class": True})
+    return _CLASSES[cls]
+
+
+@contextlib.contextmanager
+def _original_denoiser(pipe, state: EnabledState):
+    attr = state.family.denoiser_attr
+    pipe.__dict__[attr] = state.denoiser
+    try:
+        yield
+    finally:
+        pipe.__dict__[attr] = state.wrapper
 
 
 def _num_evaluations(pipe) -> int:
-    """U-Net evaluations in the current call: the pipelines set _num_timesteps just before their loop."""
+    """Denoiser evaluations in the current call: the pipelines set _num_timesteps just before their loop."""
     n = getattr(pipe, "_num_timesteps", None)
     if n:
         return int(n)
@@ -56,51 +156,60 @@ def _num_evaluations(pipe) -> int:
 
 
 def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", **options):
-    """Run `pipe`'s U-Net as DeepCache's full/shallow graphs on `backend`. Returns `pipe`.
+    """Run `pipe`'s denoiser as DeepCache's full/shallow graphs on `backend`. Returns `pipe`.
 
-    Options go to the backend (for engine backends: engine_dir, or height/width/batch_size to build in memory).
+    Options go to the engine layer and the backend: engine_dir=... (a build), or height=, width= (batch_size=,
+    cfg=, dtype=) to build for those shapes now, and the backend's own options (see its Options class).
     """
     config = config or DeepCacheConfig()
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
-    _check_pipeline(pipe)
-    if hasattr(pipe, _STATE):
+    family = family_of_pipeline(pipe)
+    if enabled_state(pipe) is not None:
         raise RuntimeError("DeepCache is already enabled on this pipeline; call dcaccel.disable(pipe) first")
-    unet = pipe.unet
-    check_unet(unet)
-    n = num_branches(unet)
-    if not 0 <= config.branch < n:
-        raise ValueError(f"branch must be in 0..{n - 1} for this U-Net ({n // 3} blocks), got {config.branch}")
-    runner = get_backend(backend).create_runner(unet, config.branch, pipe=pipe, **options)
-    sync = torch.cuda.synchronize if unet.device.type == "cuda" else None
-    wrapper = DeepCacheUNet(unet, runner, config, lambda: _num_evaluations(pipe), sync=sync)
-    original_class = type(pipe)
-    # Set through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config for `unet`.
-    pipe.__dict__["unet"] = wrapper
-    pipe.__class__ = _call_resetting_class(original_class)
-    pipe.__dict__[_STATE] = {"unet": unet, "class": original_class, "backend": backend, "config": config}
-    logger.info("DeepCache enabled: %s, backend=%s", config, backend)
+    denoiser = getattr(pipe, family.denoiser_attr)
+    if isinstance(denoiser, DeepCacheDenoiser):
+        raise RuntimeError(f"pipe.{family.denoiser_attr} is the DeepCache step loop of another pipeline; make this "
+                           f"pipeline from that one's `components` (the original {family.denoiser_attr})")
+    runner, info = open_runner(pipe, config, backend, **options)
+    cut = info["cut"]
+    sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
+    wrapper = DeepCacheDenoiser(denoiser, family, runner, config, lambda: _num_evaluations(pipe), sync=sync)
+    bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
+    state = EnabledState(family=family, denoiser=denoiser, wrapper=wrapper, runner=runner, backend=backend,
+                         config=config, cut=cut, original_class=type(pipe), info=info, bakes_weights=bakes)
+    state.fingerprint = weights_fingerprint(denoiser, values=bakes)
+    # Set through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config for the denoiser.
+    pipe.__dict__[family.denoiser_attr] = wrapper
+    pipe.__class__ = _enabled_class(type(pipe), family.denoiser_attr)
+    pipe.__dict__[_STATE] = state
+    logger.info("DeepCache enabled: %s, %s, backend=%s", config, family.cut_text(cut), backend)
     return pipe
 
 
 def disable(pipe):
-    """Give back the exact original pipeline: its own U-Net object and class."""
-    state = pipe.__dict__.pop(_STATE, None)
+    """Give back the exact original pipeline: its own denoiser object and class."""
+    state = enabled_state(pipe)
     if state is None:
         raise RuntimeError("DeepCache is not enabled on this pipeline (dcaccel.enable was not called, or it was "
                            "already disabled)")
-    pipe.__dict__["unet"] = state["unet"]
-    pipe.__class__ = state["class"]
+    with state.lock:
+        del pipe.__dict__[_STATE]
+        pipe.__dict__[state.family.denoiser_attr] = state.denoiser
+        pipe.__class__ = state.original_class
+        state.wrapper.detach()
+        state.runner.close()
     logger.info("DeepCache disabled")
     return pipe
 
 
 def is_enabled(pipe) -> bool:
-    return hasattr(pipe, _STATE)
+    return enabled_state(pipe) is not None
 
 
 def last_stats(pipe):
     """StepStats of the last call of an enabled pipeline: full/shallow steps and their graph times."""
-    if not is_enabled(pipe):
+    state = enabled_state(pipe)
+    if state is None:
         raise RuntimeError("DeepCache is not enabled on this pipeline")
-    return pipe.unet.stats
+    return state.wrapper.stats

@@ -1,13 +1,15 @@
-"""The step loop: per U-Net evaluation, run the full or the shallow graph and hand the feature over.
+"""The step loop: per denoiser evaluation, run the full or the shallow graph and hand the cache over.
 
-DeepCacheUNet stands in for the pipeline's U-Net. It counts evaluations within one pipeline call (reset at the
-start of every call, see pipeline.py), so it never looks a step up by timestep value and keeps nothing from one
-call to the next.
+DeepCacheDenoiser stands in for the pipeline's denoiser (its `unet` or `transformer`). It counts evaluations
+within one pipeline call (reset at the start of every call, see pipeline.py), so it never looks a step up by
+timestep value and keeps nothing from one call to the next. The model family turns the pipeline's call into graph
+inputs and the noise back into what the denoiser would have returned; the loop itself knows no family.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -17,11 +19,6 @@ from .config import DeepCacheConfig
 from .schedule import full_step_mask
 
 logger = logging.getLogger(__name__)
-
-_UNSUPPORTED_KWARGS = (
-    "class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
-    "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
-)
 
 
 class StepStats:
@@ -34,19 +31,21 @@ class StepStats:
         self.shallow_seconds: list[float] = []
 
     @property
-    def unet_seconds(self) -> float:
+    def denoiser_seconds(self) -> float:
         return sum(self.full_seconds) + sum(self.shallow_seconds)
 
+    unet_seconds = denoiser_seconds  # the U-Net name, kept for scripts written against it
 
-class UNetTimer:
-    """Times the calls of a plain (not DeepCache) U-Net with forward hooks, removed by close() or at the end of a
-    `with` block: the no-cache counterpart of StepStats.unet_seconds."""
 
-    def __init__(self, unet):
+class DenoiserTimer:
+    """Times the calls of a plain (not DeepCache) denoiser with forward hooks, removed by close() or at the end of
+    a `with` block: the no-cache counterpart of StepStats.denoiser_seconds."""
+
+    def __init__(self, denoiser):
         self.seconds = 0.0
         self.calls = 0
-        self._sync = torch.cuda.synchronize if unet.device.type == "cuda" else (lambda: None)
-        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+        self._sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else (lambda: None)
+        self._handles = [denoiser.register_forward_pre_hook(self._pre), denoiser.register_forward_hook(self._post)]
 
     def _pre(self, module, args):
         self._sync()
@@ -68,26 +67,46 @@ class UNetTimer:
         self.close()
 
 
-class DeepCacheUNet(nn.Module):
-    """Takes the U-Net's place in a pipeline and runs the DeepCache step loop on a backend's runner.
 
-    Attributes the pipeline reads from its U-Net (config, dtype, add_embedding, ...) come from the original.
+class DeepCacheDenoiser(nn.Module):
+    """Takes the denoiser's place in a pipeline and runs the DeepCache step loop on a backend's runner.
+
+    Attributes the pipeline reads from its denoiser (config, dtype, add_embedding, ...) and its weights
+    (state_dict, load_state_dict, parameters) are the original's. It runs only inside a call of the pipeline it
+    was enabled on (pipeline.py marks those); after dcaccel.disable it is detached and runs the original denoiser
+    as it is, so a pipeline that kept a reference to it is never left running DeepCache.
     """
 
-    def __init__(self, unet, runner, config: DeepCacheConfig, num_steps_fn, sync=None):
+    def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None):
         super().__init__()
-        self.unet = unet
+        self.denoiser = denoiser
+        self.family = family
         self.runner = runner
         self.deepcache_config = config
         self._num_steps_fn = num_steps_fn
         self._sync = sync or (lambda: None)
+        self._owner_thread: int | None = None
+        self._detached = False
         self.reset()
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["unet"], name)
+            return getattr(self._modules["denoiser"], name)
+
+    # The weights are the original denoiser's, under its own names.
+    def state_dict(self, *args, **kwargs):
+        return self._modules["denoiser"].state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self._modules["denoiser"].load_state_dict(*args, **kwargs)
+
+    def named_parameters(self, *args, **kwargs):
+        return self._modules["denoiser"].named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):
+        return self._modules["denoiser"].named_buffers(*args, **kwargs)
 
     def reset(self) -> None:
         """Forget everything from the previous call: the next evaluation is step 0, a full step."""
@@ -95,18 +114,26 @@ class DeepCacheUNet(nn.Module):
         self._mask: list[bool] | None = None
         self.stats = StepStats()
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, *, cross_attention_kwargs=None,
-                added_cond_kwargs=None, return_dict=True, **kwargs):
-        bad = [k for k in kwargs if k not in _UNSUPPORTED_KWARGS]
-        if bad:
-            raise TypeError(f"unexpected U-Net arguments {bad}")
-        used = sorted(k for k in kwargs if kwargs[k] is not None)
-        if used:
-            raise ValueError(f"dcaccel does not support the U-Net arguments {used} (ControlNet, adapters, masks, "
-                             "LCM-distilled timestep_cond); disable DeepCache for such pipelines")
-        if cross_attention_kwargs:
-            raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported: fuse LoRA "
-                             "scales into the weights (dcaccel.lora) instead of passing them per call")
+    def begin_call(self) -> None:
+        self.reset()
+        self._owner_thread = threading.get_ident()
+
+    def end_call(self) -> None:
+        self._owner_thread = None
+
+    def detach(self) -> None:
+        self._detached = True
+
+    def forward(self, *args, **kwargs):
+        if self._detached:
+            return self._modules["denoiser"](*args, **kwargs)
+        if self._owner_thread != threading.get_ident():
+            raise RuntimeError(
+                f"this {self.family.denoiser_attr} is dcaccel's DeepCache step loop of another pipeline: it runs only "
+                "inside that pipeline's calls. Make other pipelines from `pipe.components` (which hold the original "
+                f"{self.family.denoiser_attr}) and call dcaccel.enable on them")
+        return_dict = kwargs.get("return_dict", True)
+        inputs = self.family.call_inputs(self._modules["denoiser"], args, kwargs)
         if self._mask is None:
             n = self._num_steps_fn()
             self._mask = full_step_mask(self.deepcache_config, n)
@@ -115,9 +142,8 @@ class DeepCacheUNet(nn.Module):
         self._step += 1
         full = step >= len(self._mask) or self._mask[step]
         if step == len(self._mask):
-            logger.warning("more U-Net evaluations than the %d expected; extra ones run the full graph", len(self._mask))
-
-        inputs = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+            logger.warning("more denoiser evaluations than the %d expected; extra ones run the full graph",
+                           len(self._mask))
         self._sync()
         start = time.perf_counter()
         noise = self.runner.run_full(inputs) if full else self.runner.run_shallow(inputs)
@@ -126,22 +152,5 @@ class DeepCacheUNet(nn.Module):
         (self.stats.full_steps if full else self.stats.shallow_steps).append(step)
         (self.stats.full_seconds if full else self.stats.shallow_seconds).append(elapsed)
         logger.debug("step %d: %s graph, %.4f s", step, "full" if full else "shallow", elapsed)
-        if not return_dict:
-            return (noise,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+        return self.family.output(noise, return_dict)
 
-        return UNet2DConditionOutput(sample=noise)
-
-    def _inputs(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
-        # Timesteps become float32 of shape (batch,), as the U-Net's time projection computes them; made the
-        # same way on every call so that a compiled graph never sees a new kind of tensor.
-        t = torch.as_tensor(timestep, device=sample.device).to(torch.float32).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(sample.shape[0])
-        inputs = {"sample": sample, "timestep": t, "encoder_hidden_states": encoder_hidden_states}
-        if self.unet.config.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise ValueError("an SDXL U-Net needs added_cond_kwargs with text_embeds and time_ids")
-            inputs["text_embeds"] = added_cond_kwargs["text_embeds"]
-            inputs["time_ids"] = added_cond_kwargs["time_ids"]
-        return inputs

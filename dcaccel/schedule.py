@@ -10,14 +10,13 @@ import math
 
 import numpy as np
 
-from .config import DeepCacheConfig
+from .config import DeepCacheConfig, check_int, check_power
 
 
 def uniform_full_steps(num_steps: int, interval: int) -> list[int]:
     """Every `interval`-th evaluation, starting at 0: uniform_full_steps(5, 2) == [0, 2, 4]."""
     _check_num_steps(num_steps)
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    interval = check_int("interval", interval, 1)
     return list(range(0, num_steps, interval))
 
 
@@ -30,15 +29,17 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: int | None = No
     a negative number in complex arithmetic; we use the signed power they intend).
     """
     _check_num_steps(num_steps)
-    if interval < 1:
-        raise ValueError(f"interval must be >= 1, got {interval}")
+    interval = check_int("interval", interval, 1)
+    power = check_power(power)
     n_full = math.ceil(num_steps / interval)
     if n_full >= num_steps or interval == 1:
         return list(range(num_steps))
     if center is None:
         center = round(num_steps * 0.3)  # the paper's 15 of 50
+    center = check_int("center", center)
     if not 0 <= center < num_steps:
         raise ValueError(f"center must be in [0, {num_steps - 1}] for {num_steps} steps, got {center}")
+    # p goes down in steps of 0.02 from `power` towards 1: at most (MAX_POWER - 1) / 0.02 tries.
     p = power
     while p > 1.0:
         x = np.linspace(-(center ** (1 / p)), (num_steps - center) ** (1 / p), n_full + 1)
@@ -83,5 +84,4 @@ def theoretical_speedup(mask: list[bool], shallow_cost: float) -> float:
 
 
 def _check_num_steps(num_steps: int) -> None:
-    if not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    check_int("num_steps", num_steps, 1)

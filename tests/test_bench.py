@@ -56,14 +56,13 @@ def test_sdpa_formula_on_a_diffusers_attention_block():
 def test_graph_flops_meta_count_equals_cpu_count_and_matches_the_spec(tiny_pipe):
     from dcaccel.config import BuildConfig
     from dcaccel.models import architecture_config
-    from dcaccel.spec import graph_specs
-    from dcaccel.split import split_unet
+    from dcaccel.families.unet import graph_specs, split_unet
 
     unet = tiny_pipe("tiny").unet
     build = BuildConfig(height=32, width=32, branch=1)
     meta = bench.graph_flops(unet, build, vae_scale=2, text_len=77)
     assert meta["method"].startswith("FlopCounterMode on a meta-device copy")
-    specs = graph_specs(unet, build, 2, 77)
+    specs = graph_specs(unet, 1, build, 2, 77)
     full, shallow = split_unet(unet, 1)
     assert meta["full"] == bench.count_flops(full, specs["full"].sample_inputs())
     assert meta["shallow"] == bench.count_flops(shallow, specs["shallow"].sample_inputs())

@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 import dcaccel
-from dcaccel.build import build_engines, open_engine_dir
+from dcaccel.engines import Manifest, build_engines, open_runner, weights_hash
+from dcaccel.errors import EngineError
 from dcaccel.config import BuildConfig, DeepCacheConfig
 from dcaccel.lora import (LoraSpec, apply_loras, current_loras, lora_record, remove_loras, swap_loras,
                           use_lcm_lora)
-from dcaccel.manifest import EngineError, Manifest, weights_hash
-from dcaccel.split import split_unet
+from dcaccel.families.unet import split_unet
 
 from conftest import run_latents
 
@@ -76,7 +76,7 @@ def pipe(tiny_pipe):
 
 
 def _unet(pipe):
-    return pipe.unet.unet if dcaccel.is_enabled(pipe) else pipe.unet
+    return pipe.unet.denoiser if dcaccel.is_enabled(pipe) else pipe.unet
 
 
 def _eager(pipe, lora=None, fuse=True, config=CONFIG, **call):
@@ -153,7 +153,7 @@ def test_swap_equals_applying_from_scratch_eager(pipe, loras):
     dcaccel.enable(pipe, CONFIG)
     apply_loras(pipe, [loras["A"]])
     swap_loras(pipe, [loras["B"]])
-    assert weights_hash(pipe.unet.unet) == fresh_hash, "a swap restores the weights exactly before fusing"
+    assert weights_hash(pipe.unet.denoiser) == fresh_hash, "a swap restores the weights exactly before fusing"
     assert pipe.unet.runner.loras == current_loras(pipe) == lora_record([loras["B"]])
     torch.testing.assert_close(run_latents(pipe), fresh, rtol=0, atol=0)
     swap_loras(pipe, [])
@@ -193,7 +193,7 @@ def test_onnxruntime_refit_equals_a_fresh_build(pipe, loras, ort_dir_b):
     swap_loras(pipe, [loras["A"]])  # new weights in both graphs, no export
     assert runner.loras == lora_record([loras["A"]])
     sample = runner.specs["full"].sample_inputs(seed=3)
-    full, shallow = split_unet(pipe.unet.unet, CONFIG.branch)
+    full, shallow = split_unet(pipe.unet.denoiser, CONFIG.branch)
     with torch.no_grad():
         noise, feature = full(**sample)
         torch.testing.assert_close(runner.run_full(sample), noise, atol=1e-4, rtol=1e-4)
@@ -211,7 +211,7 @@ def test_engine_built_for_one_lora_is_refused_for_another(pipe, loras, ort_dir_b
                               "scale": 1.25}]
     apply_loras(pipe, [loras["A"]])
     with pytest.raises(EngineError, match=r"(?s)loras: engine has .*b_kohya.*pipeline needs .*\"a\""):
-        open_engine_dir(ort_dir_b, pipe.unet, CONFIG.branch, "onnxruntime", loras=current_loras(pipe))
+        open_runner(pipe, CONFIG, "onnxruntime", engine_dir=ort_dir_b)
     with pytest.raises(EngineError, match="loras: engine has"):
         dcaccel.enable(pipe, CONFIG, backend="onnxruntime", engine_dir=ort_dir_b)
     assert not dcaccel.is_enabled(pipe)
@@ -346,7 +346,7 @@ def test_failed_refit_rolls_everything_back(pipe, loras, monkeypatch):
     apply_loras(pipe, [loras["A"]])
     before, latents = _state(pipe), run_latents(pipe)
 
-    def broken(unet):
+    def broken(graphs):
         raise RuntimeError("refit failed")
 
     monkeypatch.setattr(pipe.unet.runner, "refit", broken)
@@ -359,7 +359,7 @@ def test_failed_refit_rolls_everything_back(pipe, loras, monkeypatch):
 
 def test_unfused_loras_need_the_eager_backend(pipe, loras, monkeypatch):
     dcaccel.enable(pipe, CONFIG)
-    monkeypatch.setitem(pipe.__dict__["_dcaccel_state"], "backend", "onnxruntime")
+    monkeypatch.setattr(dcaccel.enabled_state(pipe), "backend", "onnxruntime")
     with pytest.raises(ValueError, match="fuse=False keeps LoRA layers"):
         apply_loras(pipe, [loras["A"]], fuse=False)
     monkeypatch.undo()

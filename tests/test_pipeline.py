@@ -164,7 +164,7 @@ def test_feature_buffer_is_one_memory_across_steps(tiny_pipe):
     run_latents(pipe, steps=8)
     run_latents(pipe, steps=8)
     assert len(ptrs) == 8 and len(set(ptrs)) == 1
-    assert runner._buffer.allocations == 1
+    assert runner.cache_buffers.allocations == 1
 
 
 def test_enable_disable_pairs(tiny_pipe):

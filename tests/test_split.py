@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import dcaccel
-from dcaccel.split import feature_shape, num_branches, split_unet
+from dcaccel.families.unet import feature_shape, num_branches, split_unet
 
 from conftest import unet_inputs
 

@@ -8,8 +8,7 @@ import torch
 
 import dcaccel
 from dcaccel import BuildConfig, DeepCacheConfig
-from dcaccel.backends import get_backend
-from dcaccel.backends.base import MissingDependencyError
+from dcaccel.errors import MissingDependencyError
 
 from conftest import run_latents
 
@@ -18,25 +17,24 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAS_TRT),
                          reason="needs a CUDA GPU and the tensorrt package (pip install 'dcaccel[gpu]')")
 
 
-def _specs(pipe, **build):
-    from dcaccel.build import pipeline_geometry
-    from dcaccel.spec import graph_specs
-
-    return graph_specs(pipe.unet, BuildConfig(height=32, width=32, backend="tensorrt", **build),
-                       *pipeline_geometry(pipe))
-
-
 def test_import_needs_neither_tensorrt_nor_cuda():
     import dcaccel.backends.tensorrt as trt_backend
 
-    assert callable(trt_backend.create_runner) and callable(trt_backend.build)
+    assert callable(trt_backend.load) and callable(trt_backend.build)
+    assert set(trt_backend.Options.build_fields()) == {"exporter", "opset", "fp16", "refittable", "workspace_gb"}
+
+
+def _open(pipe, **options):
+    from dcaccel.engines import open_runner
+
+    return open_runner(pipe, DeepCacheConfig(branch=0), "tensorrt", **options)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
-def test_create_runner_without_cuda_says_so(tiny_pipe):
+def test_open_without_cuda_says_so(tiny_pipe):
     pipe = tiny_pipe()
     with pytest.raises(RuntimeError, match="backend 'tensorrt' needs a CUDA GPU; torch sees none"):
-        get_backend("tensorrt").create_runner(pipe.unet, 0, pipe=pipe, height=32, width=32)
+        _open(pipe, height=32, width=32)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="checks the error a machine without tensorrt gives")
@@ -44,7 +42,7 @@ def test_missing_tensorrt_names_the_extra(tiny_pipe, monkeypatch):
     pipe = tiny_pipe()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # get past the CUDA check to the import
     with pytest.raises(MissingDependencyError, match=r"pip install 'dcaccel\[gpu\]'") as err:
-        get_backend("tensorrt").create_runner(pipe.unet, 0, pipe=pipe, height=32, width=32)
+        _open(pipe, height=32, width=32)
     assert "'tensorrt'" in str(err.value)
 
 
@@ -60,50 +58,19 @@ def test_enable_fails_cleanly_and_leaves_the_pipeline_alone(tiny_pipe):
 
 @pytest.mark.skipif(torch.cuda.is_available() and HAS_TRT, reason="checks the errors of a machine without them")
 def test_a_failed_build_leaves_no_directory(tiny_pipe, tmp_path):
-    from dcaccel.build import build_engines
+    from dcaccel.engines import build_engines
 
     with pytest.raises((RuntimeError, MissingDependencyError)):
         build_engines(tiny_pipe(), BuildConfig(height=32, width=32, backend="tensorrt"), out_dir=tmp_path)
-    assert list((tmp_path / "model").iterdir()) == []  # the staging directory was removed
+    assert not (tmp_path / "model").exists() or list((tmp_path / "model").iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["full", "shallow"])
-def test_refit_map_accounts_for_every_initializer_and_parameter(tiny_pipe, tmp_path, name):
-    from dcaccel.backends.tensorrt import _source, refit_map
-    from dcaccel.onnx_export import export_onnx
-    from dcaccel.split import split_unet
+def test_unknown_tensorrt_option_lists_the_allowed_ones(tiny_pipe, tmp_path):
+    from dcaccel.engines import build_engines
 
-    pytest.importorskip("onnx")
-    import onnx
-    from onnx import numpy_helper
-
-    pipe = tiny_pipe()
-    graph = dict(zip(("full", "shallow"), split_unet(pipe.unet, 0)))[name]
-    path = tmp_path / f"{name}.onnx"
-    export_onnx(graph, _specs(pipe)[name], path)
-    mapping = refit_map(path, graph)
-    state = graph.state_dict()
-    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in onnx.load(str(path)).graph.initializer}
-    assert set(mapping["weights"]) | set(mapping["constants"]) == set(inits)
-    # Linear weights reach the ONNX graph only transposed under made-up names: the map must find them by value.
-    assert any(how == "transpose" for e in mapping["weights"].values() for _, how in e["sources"])
-    for init, entry in mapping["weights"].items():
-        torch.testing.assert_close(_source(state, init, entry), inits[init], rtol=0, atol=0)
-    # Every parameter the graph uses is refitted through some initializer (merged ones through a shared one).
-    used = {key for e in mapping["weights"].values() for key, _ in e["sources"]}
-    params = {k for k, v in state.items() if v.numel() > 1}
-    assert params <= used, sorted(params - used)[:5]
-
-
-def test_refit_refuses_weights_that_were_merged_and_now_differ():
-    from dcaccel.backends.tensorrt import _source
-
-    state = {"a.weight": torch.ones(4), "b.weight": torch.ones(4)}
-    entry = {"shape": [4, 1, 1], "sources": [["a.weight", "reshape"], ["b.weight", "reshape"]]}
-    assert _source(state, "onnx::Mul_1", entry).shape == (4, 1, 1)
-    state["b.weight"] = torch.full((4,), 2.0)
-    with pytest.raises(RuntimeError, match="were equal at export.* now differ; rebuild the engine"):
-        _source(state, "onnx::Mul_1", entry)
+    with pytest.raises(ValueError, match=r"unknown tensorrt options \['fp32'\]; allowed: \['exporter'"):
+        build_engines(tiny_pipe(), BuildConfig(height=32, width=32, backend="tensorrt", options={"fp32": True}),
+                      out_dir=tmp_path)
 
 
 # ---- GPU: CUDA and TensorRT ----
@@ -118,11 +85,11 @@ def _gpu_pipe(dtype=torch.float32):
     return pipe
 
 
-def _build(pipe, tmp_path, **build):
-    from dcaccel.build import build_engines
+def _build(pipe, tmp_path, **options):
+    from dcaccel.engines import build_engines
 
     config = BuildConfig(height=32, width=32, backend="tensorrt", device="cuda",
-                         dtype=str(pipe.unet.dtype).removeprefix("torch."), **build)
+                         dtype=str(pipe.unet.dtype).removeprefix("torch."), options=options)
     directory, built = build_engines(pipe, config, out_dir=tmp_path)
     assert built
     return directory
@@ -159,11 +126,11 @@ def test_deepcache_on_tensorrt_matches_eager(tmp_path, dtype, atol):
 @pytest.mark.gpu
 @gpu
 def test_refit_pushes_new_weights_into_both_engines(tmp_path):
-    from dcaccel.split import split_unet
+    from dcaccel.families.unet import split_unet
 
     pipe = _gpu_pipe()
     unet = pipe.unet
-    runner = get_backend("tensorrt").create_runner(unet, 0, engine_dir=_build(pipe, tmp_path, refittable=True))
+    runner, _ = _open(pipe, engine_dir=_build(pipe, tmp_path, refittable=True))
     full, shallow = split_unet(unet, 0)
     sample = runner.specs["full"].sample_inputs(device="cuda", seed=3)
     weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
@@ -171,7 +138,7 @@ def test_refit_pushes_new_weights_into_both_engines(tmp_path):
     try:
         with torch.no_grad():
             weight.mul_(1.5)
-            runner.refit(unet)
+            runner.refit(dict(zip(("full", "shallow"), split_unet(unet, 0))))
             ref_noise, ref_feature = full(**sample)
             torch.testing.assert_close(runner.run_full(sample), ref_noise, atol=1e-2, rtol=0)
             torch.testing.assert_close(runner.feature, ref_feature, atol=1e-2, rtol=0)
@@ -187,6 +154,8 @@ def test_refit_pushes_new_weights_into_both_engines(tmp_path):
 @gpu
 def test_refit_of_an_engine_built_without_refit_is_refused(tmp_path):
     pipe = _gpu_pipe()
-    runner = get_backend("tensorrt").create_runner(pipe.unet, 0, engine_dir=_build(pipe, tmp_path))
+    from dcaccel.families.unet import split_unet
+
+    runner, _ = _open(pipe, engine_dir=_build(pipe, tmp_path))
     with pytest.raises(RuntimeError, match="not refittable"):
-        runner.refit(pipe.unet)
+        runner.refit(dict(zip(("full", "shallow"), split_unet(pipe.unet, 0))))

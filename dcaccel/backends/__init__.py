@@ -1,4 +1,4 @@
-"""Backends behind one small protocol (see base.Runner), looked up by name; heavy packages load lazily."""
+"""Backends behind one small protocol (see base), looked up by name; heavy packages load lazily."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ BACKENDS = {
 
 
 def get_backend(name: str):
-    """The backend module `name`; it provides create_runner(unet, branch, **options) and, if it builds
-    artifacts, build(unet, spec, directory, **options)."""
+    """The backend module `name` (see backends.base for what it provides)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose from {sorted(BACKENDS)}")
     return importlib.import_module(BACKENDS[name])

@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..buffers import FeatureBuffer
-from ..split import split_unet
+from ..graphs.buffers import CacheBuffers
+from ..graphs.spec import GraphSpec, call_graph
+from .base import BackendOptions
+
+NAME = "eager"
+VERSIONS = ()
+TOLERANCE = {"float32": (0.0, 0.0), "float16": (0.0, 0.0), "bfloat16": (0.0, 0.0)}
+STRICT = True
+FILES_REQUIRED = False
+
+
+@dataclass(frozen=True)
+class Options(BackendOptions):
+    backend = NAME
 
 
 class EagerRunner:
     static_shapes = None
 
-    def __init__(self, unet, branch: int):
-        self.branch = branch
-        self.full, self.shallow = split_unet(unet, branch)
-        self._buffer = FeatureBuffer()
-        self.loras: list[dict] = []  # the fused LoRAs (dcaccel.lora records them here)
+    def __init__(self, graphs: dict[str, torch.nn.Module], specs: dict[str, GraphSpec]):
+        self.graphs, self.specs = graphs, specs
+        self.cache_buffers = CacheBuffers(specs["full"].cache)
+        self.loras: list[dict] = []  # the fused LoRAs (the engine layer and dcaccel.lora record them here)
 
-    def refit(self, unet) -> None:
-        """Take the U-Net's current weights. Nothing to copy: the graphs share its parameters. They are cut
-        again anyway (no copies, cheap), so that modules replaced rather than changed are seen too, e.g. unfused
-        LoRA layers on conv_in, which the graphs hold directly."""
-        self.full, self.shallow = split_unet(unet, self.branch)
+    @property
+    def cache(self) -> dict[str, torch.Tensor]:
+        return self.cache_buffers.tensors
 
     @property
     def feature(self) -> torch.Tensor | None:
-        return self._buffer.tensor
+        return self.cache.get("feature")
+
+    def refit(self, graphs) -> float:
+        """Take the new graphs: they share the model's parameters, so nothing is copied (cut again rather than
+        kept, so that modules replaced rather than changed are seen too)."""
+        self.graphs = graphs
+        return 0.0
 
     def run_full(self, inputs):
-        noise, feature = self.full(**inputs)
-        self._buffer.store(feature)
-        return noise
+        out = call_graph(self.graphs["full"], self.specs["full"], inputs)
+        self.cache_buffers.store(out)
+        return out[self.specs["full"].output_names[0]]
 
     def run_shallow(self, inputs):
-        return self.shallow(**inputs, feature=self._buffer.get())
+        out = call_graph(self.graphs["shallow"], self.specs["shallow"], {**inputs, **self.cache_buffers.get()})
+        return out[self.specs["shallow"].output_names[0]]
+
+    def close(self) -> None:
+        pass
 
 
-def create_runner(unet, branch: int, pipe=None, **options):
-    if options:
-        raise ValueError(f"backend 'eager' takes no options, got {sorted(options)}")
-    return EagerRunner(unet, branch)
+def build(graphs, specs, directory, options):
+    raise ValueError("backend 'eager' builds nothing; engine backends are onnxruntime, tensorrt and torch_compile")
+
+
+def load(graphs, specs, options: Options, directory=None, graph_files=None) -> EagerRunner:
+    return EagerRunner(graphs, specs)

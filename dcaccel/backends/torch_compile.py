@@ -4,9 +4,9 @@ Inputs are copied into buffers allocated once from the spec, so every call prese
 the same tensors (same shapes, strides, dtypes and dispatch keys): nothing can trigger a recompile, and after
 warm-up the runner sets the "fail_on_recompile" stance around each call to prove it.
 
-On CPU, inductor's weight freezing (default here) is what makes compilation pay: measured on SD 1.5, plain
+On CPU, inductor's weight freezing (default there) is what makes compilation pay: measured on SD 1.5, plain
 inductor ran at 0.79x of eager and frozen inductor at 1.33x. Frozen weights are constants of the compiled code,
-so a LoRA swap recompiles (see dcaccel.lora); with freezing=False weights change in place without recompiling.
+so new weights (a LoRA swap) recompile; with freezing=False weights change in place without recompiling.
 A build saves inductor's cache artifacts (torch.compiler.save_cache_artifacts) so that loading is warm.
 """
 
@@ -16,84 +16,97 @@ import contextlib
 import logging
 import time
 import types
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from ..buffers import FeatureBuffer, allocate
-from ..config import BuildConfig
-from .base import check_static_shapes
+from ..graphs.buffers import CacheBuffers, allocate_graph_buffers
+from ..graphs.spec import call_graph
+from .base import BackendOptions, check_static_shapes, device_of, option
 
 logger = logging.getLogger(__name__)
 
+NAME = "torch_compile"
+VERSIONS = ("torch",)  # inductor's cache artifacts and frozen graphs belong to one torch
+TOLERANCE = {"float32": (2e-3, 2e-3), "float16": (5e-2, 5e-2), "bfloat16": (1e-1, 1e-1)}
+STRICT = False  # compiled kernels reorder float sums: reported in the manifest, warned about beyond TOLERANCE
+FILES_REQUIRED = False
 CACHE_FILE = "compile_cache.bin"
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+@dataclass(frozen=True)
+class Options(BackendOptions):
+    backend = NAME
+    mode: str = option("default", "torch.compile mode; reduce-overhead and max-autotune use CUDA graphs (CUDA "
+                                  "only)", build=True, choices=MODES)
+    freezing: bool | None = option(None, "inductor weight freezing: faster on CPU, but new weights (a LoRA swap) "
+                                         "recompile; default: on for CPU, off for CUDA", build=True, kind=bool)
+
+    def resolved(self, device: torch.device) -> "Options":
+        return self if self.freezing is not None else replace(self, freezing=device.type == "cpu")
+
+
 class CompiledRunner:
-    def __init__(self, unet, branch: int, specs, mode: str = "default", freezing: bool | None = None,
-                 cache_bytes: bytes | None = None):
-        if mode not in MODES:
-            raise ValueError(f"unknown torch.compile mode {mode!r}; choose from {list(MODES)}")
-        device = unet.device
-        if mode == "reduce-overhead" and device.type != "cuda":
-            raise ValueError("mode 'reduce-overhead' uses CUDA graphs and needs the U-Net on a CUDA device")
-        self.freezing = (device.type == "cpu") if freezing is None else bool(freezing)
-        self.specs = specs
-        self.mode = mode
-        self.branch = branch
-        self.loras: list[dict] = []  # the fused LoRAs (dcaccel.lora records them here)
-        shapes, dtypes = {}, {}
-        for spec in specs.values():
-            shapes.update({t.name: t.shape for t in spec.inputs if t.name != "feature"})
-            dtypes.update(spec.dtypes())
-        self.inputs = allocate(shapes, dtypes, device)
-        self.static_shapes = dict(shapes)
-        feature = next(t for t in specs["full"].outputs if t.name == "feature")
-        self._buffer = FeatureBuffer(feature.shape, feature.torch_dtype, device)
+    def __init__(self, graphs, specs, options: Options, cache_bytes: bytes | None = None):
+        device = device_of(graphs)
+        options = options.resolved(device)
+        if options.mode == "reduce-overhead" and device.type != "cuda":
+            raise ValueError("torch_compile mode 'reduce-overhead' uses CUDA graphs and needs the model on a CUDA "
+                             "device")
+        self.options, self.specs = options, specs
+        self.freezing, self.mode = options.freezing, options.mode
+        self.loras: list[dict] = []
+        buffers, self.static_shapes = allocate_graph_buffers(specs, device)
+        self.inputs = {name: buffers[name] for name in self.static_shapes}
+        self.cache_buffers = CacheBuffers(specs["full"].cache, specs, device)
         if cache_bytes:
             torch.compiler.load_cache_artifacts(cache_bytes)
-        self.full, self.shallow = self._compile(unet)
+        self.graphs = graphs
+        self.full, self.shallow = self._compile(graphs)
         self.compile_seconds = self._warm_up()
 
-    def _compile(self, unet):
-        from ..split import split_unet
+    @property
+    def cache(self) -> dict[str, torch.Tensor]:
+        return self.cache_buffers.tensors
 
-        graphs = split_unet(unet, self.branch)
-        for graph in graphs:
-            _private_forward(graph)
-        return tuple(torch.compile(g, fullgraph=True, dynamic=False, mode=self.mode) for g in graphs)
+    @property
+    def feature(self) -> torch.Tensor | None:
+        return self.cache.get("feature")
 
-    def refit(self, unet) -> float:
-        """Take the U-Net's current weights (a LoRA swap). Returns the seconds spent compiling (0.0 if none).
+    def _compile(self, graphs):
+        compiled = []
+        for name in ("full", "shallow"):
+            _private_forward(graphs[name])
+            compiled.append(torch.compile(graphs[name], fullgraph=True, dynamic=False, mode=self.mode))
+        return tuple(compiled)
 
-        freezing=False: the compiled graphs read the parameters as inputs, and a fused LoRA changes them in place,
-        so there is nothing to do; the fail_on_recompile stance proves it at the next call. freezing=True (the
-        CPU default): the weights are constants of the compiled code, so both graphs are compiled again, which
-        costs as much as the first compile (that is the price of freezing's speed). Either way the graphs are
-        compiled again if the U-Net's modules are other objects than those compiled (a replaced U-Net).
+    def refit(self, graphs) -> float:
+        """Take the weights of `graphs`. Returns the seconds spent compiling (0.0 if none).
+
+        freezing=False: the compiled graphs read the parameters as inputs, and new values land in the same
+        tensors, so there is nothing to do; the fail_on_recompile stance proves it at the next call.
+        freezing=True (the CPU default): the weights are constants of the compiled code, so both graphs are
+        compiled again, which costs as much as the first compile (that is the price of freezing's speed). Either
+        way the graphs are compiled again if their modules are other objects than those compiled.
         """
-        from ..split import split_unet
-
-        same = all([id(p) for p in new.parameters()] == [id(p) for p in old._orig_mod.parameters()]
-                   for new, old in zip(split_unet(unet, self.branch), (self.full, self.shallow)))
+        same = all([id(p) for p in graphs[n].parameters()] == [id(p) for p in self.graphs[n].parameters()]
+                   for n in ("full", "shallow"))
         if same and not self.freezing:
             return 0.0
         logger.info("torch.compile refit: compiling both graphs again (%s)",
-                    "freezing=True: weights are constants" if same else "the U-Net's modules changed")
-        old = self.full, self.shallow
-        self.full, self.shallow = self._compile(unet)
+                    "freezing=True: weights are constants" if same else "the model's modules changed")
+        old = self.graphs, self.full, self.shallow
+        self.graphs = graphs
+        self.full, self.shallow = self._compile(graphs)
         try:
             seconds = self._warm_up()
         except BaseException:
-            self.full, self.shallow = old
+            self.graphs, self.full, self.shallow = old
             raise
         self.compile_seconds = seconds
         return seconds
-
-    @property
-    def feature(self) -> torch.Tensor:
-        return self._buffer.tensor
 
     def _inductor_config(self):
         import torch._inductor.config as inductor_config
@@ -103,10 +116,10 @@ class CompiledRunner:
     def _warm_up(self) -> float:
         """Compile both graphs now, on the bound buffers, so no pipeline call pays for it."""
         start = time.perf_counter()
-        sample = self.specs["full"].sample_inputs(device=self._buffer.tensor.device)
+        sample = self.specs["full"].sample_inputs(device=next(iter(self.inputs.values())).device)
         for name, t in self.inputs.items():
             t.copy_(sample[name])
-        with torch.no_grad(), self._inductor_config():
+        with self._inductor_config():
             for _ in range(2):
                 self.run_full(self.inputs, _warm=True)
                 self.run_shallow(self.inputs, _warm=True)
@@ -115,28 +128,40 @@ class CompiledRunner:
                     self.freezing, seconds)
         return seconds
 
-    def _stance(self, warm: bool):
-        return contextlib.nullcontext() if warm else torch.compiler.set_stance("fail_on_recompile")
+    @contextlib.contextmanager
+    def _calling(self, warm: bool):
+        """Every call of the compiled graphs, warm-up included, under the same autograd state: no grad, not in
+        inference mode (dynamo guards on the dispatch keys inference mode drops, so a pipeline called under
+        torch.inference_mode would otherwise recompile), and after warm-up the fail_on_recompile stance."""
+        with torch.inference_mode(False), torch.no_grad():
+            if warm:
+                yield
+            else:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    yield
 
     def _copy_in(self, inputs, spec):
         check_static_shapes(self.static_shapes, inputs, "this torch.compile runner")
-        for t in spec.inputs:
-            if t.name != "feature" and inputs[t.name] is not self.inputs[t.name]:
+        for t in spec.call_inputs:
+            if inputs[t.name] is not self.inputs[t.name]:
                 self.inputs[t.name].copy_(inputs[t.name])
-        return {t.name: self.inputs[t.name] for t in spec.inputs if t.name != "feature"}
+        return {t.name: self.inputs[t.name] for t in spec.call_inputs}
 
     def run_full(self, inputs, _warm=False):
-        bound = self._copy_in(inputs, self.specs["full"])
-        with self._stance(_warm):
-            noise, feature = self.full(**bound)
-        self._buffer.store(feature)
-        return noise.clone()
+        spec = self.specs["full"]
+        with self._calling(_warm):
+            out = call_graph(self.full, spec, self._copy_in(inputs, spec))
+            self.cache_buffers.store(out)
+            return out[spec.output_names[0]].clone()
 
     def run_shallow(self, inputs, _warm=False):
-        bound = self._copy_in(inputs, self.specs["shallow"])
-        with self._stance(_warm):
-            noise = self.shallow(**bound, feature=self._buffer.get())
-        return noise.clone()
+        spec = self.specs["shallow"]
+        with self._calling(_warm):
+            out = call_graph(self.shallow, spec, {**self._copy_in(inputs, spec), **self.cache_buffers.get()})
+            return out[spec.output_names[0]].clone()
+
+    def close(self) -> None:
+        pass
 
 
 def _private_forward(graph: torch.nn.Module) -> None:
@@ -150,75 +175,23 @@ def _private_forward(graph: torch.nn.Module) -> None:
     graph.forward = types.MethodType(own, graph)
 
 
-def build(unet, specs, directory: Path, build: BuildConfig, progress: bool = False) -> dict:
-    """Compile both graphs, compare them with eager, and save inductor's cache artifacts for a warm load."""
-    from ..split import split_unet
-
-    runner = CompiledRunner(unet, build.branch, specs, **_compile_options(build.options))
-    eager = dict(zip(("full", "shallow"), split_unet(unet, build.branch)))
-    tolerance = {}
-    with torch.no_grad():
-        sample = specs["full"].sample_inputs(device=unet.device, seed=1)
-        ref_noise, ref_feature = eager["full"](**sample)
-        got_noise = runner.run_full(sample)
-        tolerance["full"] = _errors({"noise": (ref_noise, got_noise), "feature": (ref_feature, runner.feature)})
-        ref_shallow = eager["shallow"](**sample, feature=ref_feature)
-        tolerance["shallow"] = _errors({"noise": (ref_shallow, runner.run_shallow(sample))})
+def build(graphs, specs, directory: Path, options: Options):
+    """Compile both graphs and save inductor's cache artifacts for a warm load. Returns the runner it compiled
+    (the engine layer checks it against eager)."""
+    runner = CompiledRunner(graphs, specs, options)
     artifacts = torch.compiler.save_cache_artifacts()
-    files = []
+    files = {}
     if artifacts is not None:
         (Path(directory) / CACHE_FILE).write_bytes(artifacts[0])
-        files = [CACHE_FILE]
-    return {name: {"files": {"cache": CACHE_FILE if files else None}, "all_files": files if name == "full" else [],
-                   "tolerance": {"reached": tolerance[name], "checked_with": "torch eager"},
-                   "compile_seconds": round(runner.compile_seconds, 2)}
-            for name in ("full", "shallow")}
+        files = {"cache": CACHE_FILE}
+    info = {"full": {"files": files, "compile_seconds": round(runner.compile_seconds, 2)},
+            "shallow": {"files": {}}}
+    return info, runner
 
 
-def _errors(pairs) -> dict:
-    out = {}
-    for name, (ref, got) in pairs.items():
-        ref, got = ref.double(), got.double()
-        out[name] = {"max_abs": float((ref - got).abs().max()),
-                     "rel_l2": float((ref - got).norm() / ref.norm().clamp_min(1e-12))}
-    return out
-
-
-def _compile_options(options: dict) -> dict:
-    allowed = {"mode", "freezing"}
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(f"unknown torch_compile options {unknown}; allowed: {sorted(allowed)}")
-    return dict(options)
-
-
-def create_runner(unet, branch: int, pipe=None, engine_dir=None, height=None, width=None, batch_size=1, cfg=True,
-                  dtype=None, **options):
-    """Compile for the static shapes of an engine directory (warm from its cache artifacts), or for the given
-    height/width/batch_size."""
-    from ..build import open_engine_dir, pipeline_geometry
-    from ..lora import current_loras
-    from ..spec import graph_specs
-
-    loras = current_loras(pipe) if pipe is not None else None
-    if engine_dir is not None:
-        if height or width:
-            raise ValueError(f"height/width are fixed by the engine in {engine_dir}")
-        manifest, specs = open_engine_dir(engine_dir, unet, branch, "torch_compile", loras=loras,
-                                          extra_checks={"versions.torch": torch.__version__})
-        cache = Path(engine_dir) / CACHE_FILE
-        opts = {**manifest.build.get("options", {}), **options}
-        runner = CompiledRunner(unet, branch, specs, cache_bytes=cache.read_bytes() if cache.is_file() else None,
-                                **_compile_options(opts))
-        runner.loras = manifest.data.get("loras", [])
-        return runner
-    if pipe is None or height is None or width is None:
-        raise ValueError("backend 'torch_compile' needs engine_dir=..., or height=, width= (and batch_size=, cfg=) "
-                         "to compile its static-shape graphs")
-    dtype = dtype or str(unet.dtype).removeprefix("torch.")
-    vae_scale, text_len = pipeline_geometry(pipe)
-    build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg, dtype=dtype, branch=branch,
-                        backend="torch_compile", options=_compile_options(options))
-    runner = CompiledRunner(unet, branch, graph_specs(unet, build, vae_scale, text_len), **build.options)
-    runner.loras = loras or []
-    return runner
+def load(graphs, specs, options: Options, directory=None, graph_files=None) -> CompiledRunner:
+    """Compile for the specs' static shapes (warm from a build's cache artifacts when there is one)."""
+    cache = None
+    if directory is not None and graph_files and graph_files["full"].get("cache"):
+        cache = (Path(directory) / graph_files["full"]["cache"]).read_bytes()
+    return CompiledRunner(graphs, specs, options, cache_bytes=cache)

@@ -12,7 +12,7 @@ import torch
 
 from .. import pipeline as dc
 from ..config import DeepCacheConfig
-from ..runtime import UNetTimer
+from ..runtime import DenoiserTimer
 from . import GUIDANCE_SCALE
 from .data import Scene, all_scenes, held_out_scenes, make_dataset, to_tensor
 from .score import accuracy, chance_accuracy, features, frechet_distance, pipeline_images, psnr
@@ -34,7 +34,7 @@ def generate(pipe, config: DeepCacheConfig | None, scenes: list[Scene], seed: in
     """Images for `scenes` (seed per image: seed + index) and the seconds spent in the U-Net loop and overall."""
     start = time.perf_counter()
     if config is None:
-        with UNetTimer(pipe.unet) as clock:
+        with DenoiserTimer(pipe.unet) as clock:
             images = pipeline_images(pipe, scenes, seed, steps, guidance)
         return images, clock.seconds, time.perf_counter() - start
     dc.enable(pipe, config)

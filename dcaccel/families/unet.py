@@ -1,4 +1,5 @@
-"""FullUNet / ShallowUNet: a diffusers UNet2DConditionModel cut at a DeepCache skip branch.
+"""The U-Net family (SD 1.x, 2.x, SDXL): a diffusers UNet2DConditionModel cut at a DeepCache skip branch into
+FullUNet / ShallowUNet.
 
 Both are plain nn.Modules (tensors in, tensors out, no hooks, no Python-side state) that share the U-Net's
 submodules, so they can be compiled, exported to ONNX or built into engines on their own.
@@ -15,6 +16,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..config import BuildConfig, DeepCacheConfig
+from ..graphs.spec import GraphSpec, TensorSpec
+from .base import Family, timestep_input
 
 BRANCHES_PER_BLOCK = 3
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -230,6 +235,8 @@ def _locate(unet, branch: int):
 class FullUNet(nn.Module):
     """The whole U-Net; returns (noise prediction, feature), where feature is what ShallowUNet needs."""
 
+    cache_names = ("feature",)
+
     def __init__(self, unet, branch: int = 0):
         super().__init__()
         block, _, up_block, start = _locate(unet, branch)
@@ -255,6 +262,8 @@ class FullUNet(nn.Module):
 
 class ShallowUNet(nn.Module):
     """Only the shallow branch; the deep part comes in as `feature` from an earlier FullUNet call."""
+
+    cache_names = ("feature",)
 
     def __init__(self, unet, branch: int = 0):
         super().__init__()
@@ -305,3 +314,129 @@ def feature_shape(unet, branch: int, batch: int, latent_height: int, latent_widt
     skip_c, skip_h, skip_w = outs[len(outs) - 1 - consumed]
     channels = unet.up_blocks[up_block].resnets[start].in_channels - skip_c
     return (batch, channels, skip_h, skip_w)
+
+
+# -- the family ---------------------------------------------------------------------------------------------------
+
+PIPELINES = (
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+)
+# U-Net arguments the pipelines pass (as None) that the graphs cannot honour when set.
+_UNSUPPORTED_KWARGS = (
+    "class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
+    "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
+)
+
+
+def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_len: int = 77) -> dict[str, GraphSpec]:
+    """The full and shallow GraphSpecs for `unet` cut at `branch`, at the build's resolution, batch and dtype."""
+    _locate(unet, branch)
+    for name in ("height", "width"):
+        if getattr(build, name) % vae_scale:
+            raise ValueError(f"{name} must be a multiple of the VAE's factor {vae_scale}, got {getattr(build, name)}")
+    cfg = unet.config
+    b, h, w = build.graph_batch, build.height // vae_scale, build.width // vae_scale
+    dt = build.dtype
+    inputs = [
+        TensorSpec("sample", (b, cfg.in_channels, h, w), dt),
+        TensorSpec("timestep", (b,), "float32"),
+        TensorSpec("encoder_hidden_states", (b, text_len, cfg.cross_attention_dim), dt),
+    ]
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        inputs += [TensorSpec("text_embeds", (b, pooled), dt), TensorSpec("time_ids", (b, 6), dt)]
+    noise = TensorSpec("noise", (b, cfg.out_channels, h, w), dt)
+    feature = TensorSpec("feature", feature_shape(unet, branch, b, h, w), dt)
+    shallow_inputs = inputs[:2] + [feature] + inputs[3:]
+    if ShallowUNet(unet, branch).uses_encoder_hidden_states:
+        shallow_inputs.insert(2, inputs[2])
+    return {
+        "full": GraphSpec("full", tuple(inputs), (noise, feature), cache=("feature",)),
+        "shallow": GraphSpec("shallow", tuple(shallow_inputs), (noise,), cache=("feature",)),
+    }
+
+
+class UNetFamily(Family):
+    name = "unet"
+    denoiser_attr = "unet"
+    pipelines = PIPELINES
+    cut_fields = ("branch",)
+
+    def matches(self, denoiser) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(denoiser, UNet2DConditionModel)
+
+    def check(self, denoiser) -> None:
+        check_unet(denoiser)
+
+    def resolve_cut(self, denoiser, config: DeepCacheConfig | BuildConfig) -> dict:
+        n = num_branches(denoiser)
+        if config.head_blocks is not None or config.tail_blocks is not None:
+            raise ValueError(f"head_blocks/tail_blocks cut a transformer; this pipeline's denoiser is a U-Net: give "
+                             f"branch (0..{n - 1}, 0 = shallowest and fastest) instead")
+        branch = 0 if config.branch is None else config.branch
+        if not 0 <= branch < n:
+            raise ValueError(f"branch must be in 0..{n - 1} for this U-Net ({n // BRANCHES_PER_BLOCK} blocks), "
+                             f"got {branch}")
+        return {"branch": branch}
+
+    def split(self, denoiser, cut: dict):
+        return split_unet(denoiser, cut["branch"])
+
+    def geometry(self, pipe) -> dict:
+        return {"vae_scale_factor": int(pipe.vae_scale_factor), "text_len": int(pipe.tokenizer.model_max_length)}
+
+    def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
+        return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"])
+
+    def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        kwargs = dict(kwargs)
+        names = ("sample", "timestep", "encoder_hidden_states")
+        if len(args) > len(names):
+            raise TypeError(f"the U-Net step loop takes at most {len(names)} positional arguments, got {len(args)}")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"U-Net argument {name!r} given twice")
+            kwargs[name] = value
+        sample, timestep = kwargs.pop("sample"), kwargs.pop("timestep")
+        encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
+        cross_attention_kwargs = kwargs.pop("cross_attention_kwargs", None)
+        added_cond_kwargs = kwargs.pop("added_cond_kwargs", None)
+        kwargs.pop("return_dict", None)
+        bad = [k for k in kwargs if k not in _UNSUPPORTED_KWARGS]
+        if bad:
+            raise TypeError(f"unexpected U-Net arguments {bad}")
+        used = sorted(k for k in kwargs if kwargs[k] is not None)
+        if used:
+            raise ValueError(f"dcaccel does not support the U-Net arguments {used} (ControlNet, adapters, masks, "
+                             "LCM-distilled timestep_cond); disable DeepCache for such pipelines")
+        if cross_attention_kwargs:
+            raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported: fuse LoRA "
+                             "scales into the weights (dcaccel.lora) instead of passing them per call")
+        inputs = {"sample": sample, "timestep": timestep_input(timestep, sample.shape[0], sample.device),
+                  "encoder_hidden_states": encoder_hidden_states}
+        if denoiser.config.addition_embed_type == "text_time":
+            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+                raise ValueError("an SDXL U-Net needs added_cond_kwargs with text_embeds and time_ids")
+            inputs["text_embeds"] = added_cond_kwargs["text_embeds"]
+            inputs["time_ids"] = added_cond_kwargs["time_ids"]
+        return inputs
+
+    def output(self, noise: torch.Tensor, return_dict: bool):
+        if not return_dict:
+            return (noise,)
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=noise)
+
+    def cut_text(self, cut: dict) -> str:
+        return f"branch {cut['branch']}"
+
+
+FAMILY = UNetFamily()

@@ -1,0 +1,77 @@
+"""What a model family tells the rest of dcaccel: which pipeline attribute is the denoiser, which pipelines, how
+it is checked and cut, the graphs' specs, and how a denoiser call's arguments become graph inputs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..config import BuildConfig, DeepCacheConfig
+from ..graphs.spec import GraphSpec
+
+
+class Family:
+    name: str                    # recorded in manifests
+    denoiser_attr: str           # the pipeline attribute the step loop stands in for ("unet", "transformer")
+    pipelines: tuple[str, ...]   # diffusers pipeline class names
+    cut_fields: tuple[str, ...]  # the DeepCacheConfig/BuildConfig fields that say where the model is cut
+
+    def matches(self, denoiser) -> bool:
+        raise NotImplementedError
+
+    def check(self, denoiser) -> None:
+        """Raise a clear error if `denoiser` is a configuration this family does not split exactly."""
+        raise NotImplementedError
+
+    def resolve_cut(self, denoiser, config: DeepCacheConfig | BuildConfig) -> dict:
+        """The cut `config` asks for, with the family's defaults filled in and checked against `denoiser`."""
+        raise NotImplementedError
+
+    def split(self, denoiser, cut: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(full, shallow): plain nn.Modules sharing the denoiser's weights."""
+        raise NotImplementedError
+
+    def geometry(self, pipe) -> dict:
+        """What turns an image size and batch into graph shapes (VAE factor, text length, ...)."""
+        raise NotImplementedError
+
+    def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
+        raise NotImplementedError
+
+    def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        """The graph inputs of one denoiser call as the pipeline makes it; raises for arguments the graphs cannot
+        honour."""
+        raise NotImplementedError
+
+    def output(self, noise: torch.Tensor, return_dict: bool):
+        """What the denoiser would have returned."""
+        raise NotImplementedError
+
+    def config_dict(self, denoiser) -> dict:
+        """The architecture config as it determines the graphs: no private `_` keys (diffusers' bookkeeping,
+        paths), JSON values (tuples as lists)."""
+        return normalized_config(dict(denoiser.config))
+
+    def cut_text(self, cut: dict) -> str:
+        return ", ".join(f"{k}={v}" for k, v in cut.items())
+
+
+def normalized_config(config: dict) -> dict:
+    clean = {k: v for k, v in config.items() if not str(k).startswith("_")}
+    return json.loads(json.dumps(clean, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    return str(value)
+
+
+def timestep_input(timestep, batch: int, device) -> torch.Tensor:
+    """Timesteps as float32 of shape (batch,), made the same way on every call so that a compiled graph never sees
+    a new kind of tensor."""
+    t = torch.as_tensor(timestep, device=device).to(torch.float32).reshape(-1)
+    return t.expand(batch) if t.numel() == 1 else t
