@@ -1,13 +1,31 @@
-"""dcaccel: DeepCache for Stable Diffusion as two static graphs, compiled or built into engines."""
+"""dcaccel: DeepCache for Stable Diffusion as two static graphs, compiled or built into engines.
 
-from .config import BuildConfig, DeepCacheConfig
-from .families.unet import FullUNet, ShallowUNet, num_branches, split_unet
-from .pipeline import disable, enable, enabled_state, is_enabled, last_stats
-from .schedule import full_steps
+The public names load lazily (PEP 562), so `import dcaccel` and the command line start without importing torch.
+"""
+
+import importlib
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "BuildConfig", "DeepCacheConfig", "FullUNet", "ShallowUNet", "disable", "enable", "enabled_state", "full_steps",
-    "is_enabled", "last_stats", "num_branches", "split_unet", "__version__",
-]
+_EXPORTS = {
+    "BuildConfig": "config", "DeepCacheConfig": "config",
+    "FullUNet": "families.unet", "ShallowUNet": "families.unet", "num_branches": "families.unet",
+    "split_unet": "families.unet",
+    "disable": "pipeline", "enable": "pipeline", "enabled_state": "pipeline", "is_enabled": "pipeline",
+    "last_stats": "pipeline",
+    "full_steps": "schedule",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dcaccel' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -254,8 +254,8 @@ class Manifest:
                  for field, (have, want) in _field_pairs(self.data, expected).items() if have != want]
         if diffs:
             raise EngineError(f"engine {self.directory} was built for something else and is refused:\n  "
-                              + "\n  ".join(diffs) + "\nrebuild it for this pipeline (build_scripts/build.py ... "
-                              "--force)")
+                              + "\n  ".join(diffs) + "\nrebuild it for this pipeline (build_scripts/build.py with "
+                              "this model and its settings, and --force)")
         if engine_key(expected) != self.key:
             raise EngineError(f"{self.directory}: the manifest's key {self.key} is not the hash of its fields; "
                               "rebuild with --force")

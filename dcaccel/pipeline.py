@@ -8,14 +8,17 @@ subclass of its own whose __call__:
     engines.weights_fingerprint) and refits the graphs if they changed (load_state_dict, a LoRA fused by
     diffusers), or raises where the backend cannot take them (another dtype, a non-refittable engine);
   - starts the step loop afresh, so nothing survives from one call to the next.
-`pipe.components` and `save_pretrained` see the original denoiser (pipelines made from the components are plain
-pipelines sharing the weights), and assigning another denoiser while enabled is refused. disable() gives back
+`pipe.components`, `save_pretrained` and diffusers' loaders (load_lora_weights, fuse_lora, ...) see the original
+denoiser (pipelines made from the components are plain pipelines sharing the weights), and assigning another
+denoiser while enabled is refused. disable() gives back
 the exact original pipeline: its own denoiser object and class.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -51,7 +54,7 @@ class EnabledState:
     info: dict
     bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
     fingerprint: tuple = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
     def graphs(self) -> dict[str, torch.nn.Module]:
         return dict(zip(GRAPHS, self.family.split(self.denoiser, self.cut)))
@@ -117,13 +120,6 @@ def _enabled_class(cls: type, attr: str) -> type:
             comps[attr] = state.denoiser
         return comps
 
-    def save_pretrained(self, *args, **kwargs):
-        state = enabled_state(self)
-        if state is None:
-            return cls.save_pretrained(self, *args, **kwargs)
-        with state.lock, _original_denoiser(self, state):
-            return cls.save_pretrained(self, *args, **kwargs)
-
     def __setattr__(self, name, value):
         if name == attr and enabled_state(self) is not None:
             raise RuntimeError(f"DeepCache is enabled on this pipeline: dcaccel.disable(pipe) before replacing "
@@ -131,19 +127,49 @@ def _enabled_class(cls: type, attr: str) -> type:
         cls.__setattr__(self, name, value)
 
     _CLASSES[cls] = type(cls.__name__, (cls,), {
-        "__call__": __call__, "components": property(components), "save_pretrained": save_pretrained,
+        **_loader_methods(cls), "__call__": __call__, "components": property(components),
         "__setattr__": __setattr__, "__module__": cls.__module__, "_dcaccel_enabled_class": True})
     return _CLASSES[cls]
 
 
 @contextlib.contextmanager
 def _original_denoiser(pipe, state: EnabledState):
+    """pipe.<denoiser> is the original denoiser inside the block (for diffusers' loaders and savers)."""
     attr = state.family.denoiser_attr
+    before = pipe.__dict__[attr]
     pipe.__dict__[attr] = state.denoiser
     try:
         yield
     finally:
-        pipe.__dict__[attr] = state.wrapper
+        pipe.__dict__[attr] = before
+
+
+def _with_original_denoiser(method):
+    """A pipeline method (diffusers' LoRA, textual inversion, ... loaders) run with the original denoiser in place
+    of the step loop, one at a time with the pipeline's calls. The step loop sees what changed at the next call
+    (see EnabledState.check_weights)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        state = enabled_state(self)
+        if state is None:
+            return method(self, *args, **kwargs)
+        with state.lock, _original_denoiser(self, state):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
+def _loader_methods(cls: type) -> dict:
+    """The instance methods the pipeline's class has from diffusers' loader mixins, and save_pretrained."""
+    out = {"save_pretrained": _with_original_denoiser(cls.save_pretrained)}
+    for base in cls.__mro__:
+        if not base.__module__.startswith("diffusers.loaders"):
+            continue
+        for name, value in vars(base).items():
+            if name.startswith("_") or name in out or not inspect.isfunction(value):
+                continue
+            out[name] = _with_original_denoiser(getattr(cls, name))
+    return out
 
 
 def _num_evaluations(pipe) -> int:

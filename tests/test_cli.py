@@ -63,3 +63,83 @@ def test_generate_loads_a_saved_pipeline_directory(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "pipe"), "--steps", "3", "--output",
                  str(tmp_path / "y.png")]) == 0
     assert f"local pipeline {tmp_path / 'pipe'}" in capsys.readouterr().out
+
+
+def test_bad_arguments_get_one_line_naming_the_argument(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "notimage.png").write_text("not an image")
+    (tmp_path / "in.png").write_bytes(b"")
+    Image.new("RGB", (32, 32)).save(tmp_path / "ok.png")
+    base = ["generate", "--model", "tiny", "--output", str(tmp_path / "x.png")]
+    cases = [
+        (["--steps", "0"], "--steps must be an integer in 1..1000, got 0"),
+        (["--steps", "-1"], "--steps must be an integer in 1..1000, got -1"),
+        (["--height", "0"], "--height must be a multiple of 8 in 8..8192 (pixels), got 0"),
+        (["--width", "30"], "--width must be a multiple of 8"),
+        (["--image", str(tmp_path / "notimage.png")], "--image " + str(tmp_path / "notimage.png") + " is not an image"),
+        (["--image", str(tmp_path)], f"--image {tmp_path} is a directory"),
+        (["--image", str(tmp_path / "nowhere.png")], "does not exist"),
+        (["--seed", str(2 ** 64)], "--seed must be an integer in 0..2**64-1"),
+        (["--seed", "-1"], "--seed must be an integer in 0..2**64-1"),
+        (["--image", str(tmp_path / "ok.png"), "--strength", "0.01", "--steps", "20"],
+         "--strength 0.01 with --steps 20 runs no denoising step"),
+        (["--image", str(tmp_path / "ok.png"), "--strength", "1.5"], "--strength must be in (0, 1]"),
+        (["--guidance", "nan"], "--guidance must be a number in 0..100"),
+        (["--power", "1e9", "--schedule", "nonuniform"], "power must be > 1 and <= 8"),
+        (["--backend", "onnxruntime", "--option", "foo=1", "--height", "32", "--width", "32"],
+         "unknown onnxruntime options ['foo']; allowed: ['exporter', 'opset', 'provider', 'threads']"),
+        (["--engine-dir", str(tmp_path)], "--engine-dir needs an engine backend"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: torch sees no CUDA device here"))
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+        assert err.count("\n") == 1 and err.startswith("dcaccel generate: error: "), err
+    assert not (tmp_path / "x.png").exists()
+    assert main(["build", "--model", "tiny", "--height", "0", "--out", str(tmp_path / "E")]) == 2
+    assert "--height must be a multiple of 8" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny", "--fp16", "--out", str(tmp_path / "E")]) == 2
+    assert "--fp16 is a tensorrt option" in capsys.readouterr().err
+    assert not (tmp_path / "E").exists()
+
+
+def _interrupt_when(args, ready, tmp_path):
+    """Run the CLI in a subprocess and send SIGINT as soon as ready(stdout lines so far) holds; returns
+    (exit code, stderr)."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dcaccel.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready(lines):
+        time.sleep(0.02)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    return proc.returncode, err
+
+
+def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "E"
+    code, err = _interrupt_when(["build", "--model", "tiny", "--height", "32", "--width", "32", "--out", str(out)],
+                                lambda lines: bool(list(out.glob("tiny/.*.partial-*"))), tmp_path)
+    assert code == 130, err
+    assert err.strip() == "dcaccel build: interrupted; nothing was written", err
+    assert not list((out / "tiny").iterdir()), list(out.rglob("*"))
+    image = tmp_path / "img.png"
+    code, err = _interrupt_when(["generate", "--model", "tiny", "--steps", "1000", "--baseline", "--output",
+                                 str(image)], lambda lines: any("loaded in" in line for line in lines), tmp_path)
+    assert code == 130, err
+    assert err.strip() == "dcaccel generate: interrupted; nothing was written", err
+    assert not list(tmp_path.glob("img*")) and not list(tmp_path.glob(".img*"))

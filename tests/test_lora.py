@@ -335,7 +335,7 @@ def test_other_architecture_names_modules_and_shapes(pipe, tmp_path):
 
 
 @pytest.mark.parametrize("scale, error", [(float("nan"), ValueError), (math.inf, ValueError), ("1.0", TypeError),
-                                          (True, TypeError)])
+                                          (True, TypeError), (1e30, ValueError), (-101, ValueError)])
 def test_scale_must_be_a_finite_number(loras, scale, error):
     with pytest.raises(error, match="LoRA scale must be a"):
         LoraSpec(loras["A"].path, scale=scale)
@@ -366,3 +366,55 @@ def test_unfused_loras_need_the_eager_backend(pipe, loras, monkeypatch):
     apply_loras(pipe, [loras["A"]], fuse=False)
     with pytest.raises(RuntimeError, match="not fused"):
         swap_loras(pipe, [loras["B"]])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_lora_holding_nan_or_inf_is_refused(pipe, tmp_path, bad):
+    from safetensors.torch import load_file
+
+    path = write_lora(pipe.unet, tmp_path / "bad.safetensors", seed=3)
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    tensors[key][0, 0] = bad
+    save_file(tensors, str(path))
+    before = weights_hash(pipe.unet)
+    with pytest.raises(ValueError, match=r"1 tensor hold NaN or infinite values .*a LoRA must be finite"):
+        apply_loras(pipe, [path])
+    assert weights_hash(pipe.unet) == before and current_loras(pipe) == []
+
+
+def test_fused_weights_that_overflow_are_refused_and_rolled_back(pipe, tmp_path):
+    """Finite LoRA tensors whose product overflows: the fused weights would be infinite; refused, rolled back."""
+    path = write_lora(pipe.unet, tmp_path / "huge.safetensors", seed=4, std=1e20)
+    before = weights_hash(pipe.unet)
+    with pytest.raises(ValueError, match=r"made .* NaN or infinite .*lower their scales"):
+        apply_loras(pipe, [path])
+    assert weights_hash(pipe.unet) == before and current_loras(pipe) == [] and not pipe.get_list_adapters()
+
+
+# -- weights changed behind dcaccel's back -----------------------------------------------------------------------
+
+def test_lora_fused_by_diffusers_after_enable_is_refitted(pipe, loras, ort_dir_b):
+    """diffusers' own load_lora_weights + fuse_lora on an enabled onnxruntime pipeline: the next call sees new
+    weights and refits the graphs (before, the engine kept running the old ones)."""
+    eager_b = _eager(pipe, loras["B"])
+    apply_loras(pipe, [loras["B"]])
+    dcaccel.enable(pipe, CONFIG, backend="onnxruntime", engine_dir=ort_dir_b)
+    remove_loras(pipe)  # back to the plain weights, through dcaccel (refitted)
+    plain = run_latents(pipe)
+    state = dcaccel.enabled_state(pipe)
+    unet = state.denoiser
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    try:
+        from safetensors.torch import load_file
+
+        pipe.load_lora_weights(load_file(str(loras["B"].path)), adapter_name="b")
+        pipe.set_adapters(["b"], adapter_weights=[loras["B"].scale])
+        pipe.fuse_lora(components=["unet"], lora_scale=1.0, adapter_names=["b"])
+        pipe.unload_lora_weights()
+        refitted = run_latents(pipe)
+        torch.testing.assert_close(refitted, eager_b, atol=1e-3, rtol=1e-3)
+        assert (refitted - plain).abs().max() > 1e-2
+    finally:
+        unet.load_state_dict(original)
+        dcaccel.disable(pipe)

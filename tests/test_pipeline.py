@@ -213,3 +213,142 @@ def test_nonuniform_schedule_in_a_pipeline(tiny_pipe):
     dcaccel.enable(pipe, cfg)
     run_latents(pipe, steps=12)
     assert dcaccel.last_stats(pipe).full_steps == dcaccel.full_steps(cfg, 12)
+
+
+# -- pipelines made from an enabled one ----------------------------------------------------------------------------
+
+def _plain_img2img(pipe, **kw):
+    import diffusers
+
+    plain = diffusers.StableDiffusionImg2ImgPipeline(**{**pipe.components, "unet": pipe.unet})
+    plain.set_progress_bar_config(disable=True)
+    return run_latents(plain, image=_init_image(), **kw)
+
+
+@pytest.mark.parametrize("derive", ["components", "from_pipe"])
+def test_pipelines_derived_from_an_enabled_one_are_plain(tiny_pipe, derive):
+    """A pipeline made from an enabled one gets the original U-Net: every call equals the plain pipeline's, before
+    and after disable (it never shares the step loop, whose counting it would not reset)."""
+    import diffusers
+
+    pipe = tiny_pipe("tiny")
+    _scheduler(pipe, "ddim")
+    calls = [dict(steps=6, strength=0.9), dict(steps=5, strength=0.6)]
+    expected = [_plain_img2img(pipe, **kw) for kw in calls]
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, branch=0))
+    if derive == "components":
+        derived = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    else:
+        derived = diffusers.AutoPipelineForImage2Image.from_pipe(pipe)
+    derived.set_progress_bar_config(disable=True)
+    assert derived.unet is dcaccel.enabled_state(pipe).denoiser
+    for kw, want in zip(calls, expected):
+        torch.testing.assert_close(run_latents(derived, image=_init_image(), **kw), want, rtol=0, atol=0)
+    run_latents(pipe)  # the enabled pipeline still works, and the derived one is unaffected by it
+    dcaccel.disable(pipe)
+    torch.testing.assert_close(run_latents(derived, image=_init_image(), **calls[0]), expected[0], rtol=0, atol=0)
+
+
+def test_the_step_loop_runs_only_inside_its_own_pipeline(tiny_pipe):
+    """A pipeline given the enabled pipeline's `unet` (the step loop) explicitly gets a clear error while it is
+    enabled, and runs the plain U-Net after disable: never DeepCache counted by someone else's calls."""
+    import diffusers
+
+    pipe = tiny_pipe("tiny")
+    _scheduler(pipe, "ddim")
+    expected = _plain_img2img(pipe, steps=6)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, branch=0))
+    other = diffusers.StableDiffusionImg2ImgPipeline(**{**pipe.components, "unet": pipe.unet})
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(RuntimeError, match="DeepCache step loop of another pipeline"):
+        run_latents(other, image=_init_image(), steps=6)
+    with pytest.raises(RuntimeError, match="step loop of another pipeline"):
+        dcaccel.enable(other)
+    dcaccel.disable(pipe)
+    torch.testing.assert_close(run_latents(other, image=_init_image(), steps=6), expected, rtol=0, atol=0)
+
+
+# -- threads, weights, saving -------------------------------------------------------------------------------------
+
+def test_calls_from_two_threads_are_serialised(tiny_pipe):
+    """Two threads calling one enabled pipeline at once each get what a call alone gives: the second waits."""
+    import threading
+    import time
+
+    pipe = tiny_pipe("tiny")
+    _scheduler(pipe, "ddim")
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, branch=0))
+    alone = {seed: run_latents(pipe, seed=seed, steps=6) for seed in (1, 2)}
+    runner = dcaccel.enabled_state(pipe).runner
+    slow_full, slow_shallow = runner.run_full, runner.run_shallow
+
+    def slowly(run):
+        def wrapped(inputs):
+            time.sleep(0.01)  # let the other thread in, if anything would
+            return run(inputs)
+        return wrapped
+
+    runner.run_full, runner.run_shallow = slowly(slow_full), slowly(slow_shallow)
+    got, errors = {}, []
+
+    def call(seed):
+        try:
+            got[seed] = run_latents(pipe, seed=seed, steps=6)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for seed in (1, 2):
+        torch.testing.assert_close(got[seed], alone[seed], rtol=0, atol=0)
+
+
+def test_a_call_from_inside_a_call_is_refused(tiny_pipe):
+    pipe = tiny_pipe("tiny")
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+
+    def inner(p, step, t, kwargs):
+        p(prompt="x", num_inference_steps=2, height=32, width=32)
+        return kwargs
+
+    with pytest.raises(RuntimeError, match="already running a call in this thread"):
+        pipe(prompt="x", num_inference_steps=2, height=32, width=32, callback_on_step_end=inner)
+    run_latents(pipe)  # and the pipeline works afterwards
+
+
+def test_weights_seen_through_the_step_loop_are_the_unets(tiny_pipe, tmp_path):
+    import diffusers
+
+    pipe = tiny_pipe("tiny")
+    unet = pipe.unet
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+    assert list(pipe.unet.state_dict()) == list(unet.state_dict())
+    assert [n for n, _ in pipe.unet.named_parameters()] == [n for n, _ in unet.named_parameters()]
+    pipe.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "unet" / "config.json").is_file()
+    loaded = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "saved" / "unet")
+    for (n, a), (_, b) in zip(loaded.state_dict().items(), unet.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    assert dcaccel.is_enabled(pipe) and pipe.unet is not unet
+    with pytest.raises(RuntimeError, match=r"disable\(pipe\) before replacing pipe.unet"):
+        pipe.unet = loaded
+    dcaccel.disable(pipe)
+    assert pipe.unet is unet
+
+
+def test_load_state_dict_through_the_step_loop_changes_the_unet(tiny_pipe):
+    pipe = tiny_pipe("tiny")
+    unet = pipe.unet
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+    try:
+        changed = {k: v * 1.01 if v.is_floating_point() else v for k, v in original.items()}
+        pipe.unet.load_state_dict(changed)
+        torch.testing.assert_close(unet.conv_out.weight, changed["conv_out.weight"], rtol=0, atol=0)
+    finally:
+        unet.load_state_dict(original)
+        dcaccel.disable(pipe)

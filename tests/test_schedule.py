@@ -58,3 +58,47 @@ def test_theoretical_speedup_formula():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DeepCacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(schedule="nonuniform", power=1e9), "power must be > 1 and <= 8"),
+    (dict(schedule="nonuniform", power=float("inf")), "power must be > 1"),
+    (dict(power=float("nan")), "power must be > 1"),
+    (dict(power="2"), "power must be > 1"),
+    (dict(schedule="explicit", full_steps=5), "full_steps must be >= 0 integers in a list"),
+    (dict(schedule="explicit", full_steps=["a"]), "full_steps must be >= 0 integers in a list"),
+    (dict(schedule="explicit", full_steps="3"), "full_steps must be >= 0 integers in a list"),
+    (dict(schedule="explicit", full_steps=[0, 2.7]), "full_steps must be >= 0 integers in a list"),
+    (dict(schedule="explicit", full_steps=[True]), "full_steps must be >= 0 integers in a list"),
+    (dict(schedule="explicit", full_steps=[]), "needs full_steps, a non-empty list"),
+    (dict(interval="3"), "interval must be an integer >= 1, got '3'"),
+    (dict(interval=True), "interval must be an integer"),
+    (dict(interval=3.0), "interval must be an integer"),
+    (dict(branch=1.5), "branch must be an integer >= 0"),
+    (dict(center=2.5), "center must be an integer >= 0"),
+    (dict(cache_start="1"), "cache_start must be an integer >= 0"),
+    (dict(branch=0, head_blocks=1), "give one or the other, not both"),
+])
+def test_bad_types_and_values_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeepCacheConfig(**kwargs)
+
+
+def test_huge_power_returns_at_once():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="power"):
+        nonuniform_full_steps(50, 3, power=1e9)
+    assert nonuniform_full_steps(50, 3, power=8.0)  # the largest allowed finishes
+    assert time.perf_counter() - start < 5
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    cfg = DeepCacheConfig(interval=np.int64(3), branch=np.int32(1), schedule="explicit",
+                          full_steps=np.array([0, 4]), cache_start=np.int64(0))
+    assert cfg.interval == 3 and type(cfg.interval) is int and cfg.full_steps == (0, 4)
+    assert all(type(s) is int for s in cfg.full_steps)
+    assert full_steps(cfg, 6) == [0, 4]
