@@ -56,9 +56,11 @@ _LORAS = "_dcaccel_fused_loras"  # the record of the LoRAs fused into a pipeline
 
 
 def weights_hash(module: torch.nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in state_dict order."""
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order (not in
+    state_dict order, which follows the order submodules were set: code that swaps a submodule out and back, as
+    cache-dit does with the transformer blocks, changes the order and nothing else)."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
+    for name, t in sorted(module.state_dict().items()):
         t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         t = t.to("cpu").contiguous()
@@ -74,7 +76,8 @@ def weights_fingerprint(module: torch.nn.Module, values: bool = True) -> tuple:
     storage, dtype, device, shape) and, with `values`, the norm of each floating-point tensor (one pass over the
     weights: detects new values written in place, e.g. a LoRA fused by diffusers, which PyTorch's version counters
     do not see)."""
-    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    named = sorted(list(module.named_parameters(remove_duplicate=False))
+                   + list(module.named_buffers(remove_duplicate=False)), key=lambda item: item[0])
     structure = tuple((n, id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for n, t in named)
     if not values:
         return structure, None

@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = ("tiny", "tiny-xl", "sd15", "sd21", "sdxl")  # embedded configs, random weights
+ARCHITECTURES = ("tiny", "tiny-xl", "tiny-sd3", "sd15", "sd21", "sdxl", "sd35m", "sd35l")  # configs, random weights
 TRAINED = ("shapes",)  # embedded trained weights (dcaccel/weights/<name>): see dcaccel/shapes
 TASKS = ("text2img", "img2img", "inpaint")
 
@@ -26,6 +26,9 @@ _PIPELINES = {
     ("sdxl", "text2img"): "StableDiffusionXLPipeline",
     ("sdxl", "img2img"): "StableDiffusionXLImg2ImgPipeline",
     ("sdxl", "inpaint"): "StableDiffusionXLInpaintPipeline",
+    ("sd3", "text2img"): "StableDiffusion3Pipeline",
+    ("sd3", "img2img"): "StableDiffusion3Img2ImgPipeline",
+    ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
 }
 
 
@@ -55,28 +58,27 @@ def build_components(arch: str, seed: int = 0) -> dict:
     cfg = architecture_config(arch)
     torch.manual_seed(seed)
     with torch.no_grad():
-        comps = {
-            "unet": diffusers.UNet2DConditionModel(**cfg["unet"]),
-            "vae": diffusers.AutoencoderKL(**cfg["vae"]),
-            "scheduler": diffusers.DDIMScheduler(**cfg["scheduler"]),
-            "tokenizer": build_tokenizer(),
-        }
-        if cfg["family"] == "sd":
-            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-            comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        comps = {"vae": diffusers.AutoencoderKL(**cfg["vae"]), "tokenizer": build_tokenizer()}
+        if cfg["family"] == "sd3":
+            comps.update(
+                transformer=diffusers.SD3Transformer2DModel(**cfg["transformer"]),
+                scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]),
+                text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder"])),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"])),
+                tokenizer_2=build_tokenizer(), text_encoder_3=None, tokenizer_3=None)
         else:
-            comps["text_encoder"] = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-            comps["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
-            comps["tokenizer_2"] = build_tokenizer()
+            comps.update(unet=diffusers.UNet2DConditionModel(**cfg["unet"]),
+                         scheduler=diffusers.DDIMScheduler(**cfg["scheduler"]),
+                         text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"])))
+            if cfg["family"] == "sd":
+                comps.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            else:
+                comps["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+                comps["tokenizer_2"] = build_tokenizer()
     for m in comps.values():
         if isinstance(m, torch.nn.Module):
             m.eval()
     return comps
-
-
-def family_of(pipe_or_unet) -> str:
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    return "sdxl" if unet.config.addition_embed_type == "text_time" else "sd"
 
 
 def pipeline_class(family: str, task: str):
@@ -119,7 +121,7 @@ def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch
         )
     with open(os.path.join(model, "model_index.json")) as f:
         index = json.load(f)
-    family = "sdxl" if "text_encoder_2" in index else "sd"
+    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     pipe = pipeline_class(family, task).from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -129,4 +131,6 @@ def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch
 def default_resolution(arch_or_pipe) -> int:
     if isinstance(arch_or_pipe, str):
         return architecture_config(arch_or_pipe)["resolution"]
-    return arch_or_pipe.unet.config.sample_size * arch_or_pipe.vae_scale_factor
+    pipe = arch_or_pipe
+    denoiser = pipe.__dict__.get("transformer", pipe.__dict__.get("unet"))
+    return denoiser.config.sample_size * pipe.vae_scale_factor

@@ -105,6 +105,7 @@ def _enabled_class(cls: type, attr: str) -> type:
         if state.wrapper._owner_thread == threading.get_ident():
             raise RuntimeError("this pipeline is already running a call in this thread; a DeepCache pipeline cannot "
                                "be called from inside its own call")
+        state.family.check_call(kwargs)
         with state.lock:
             state.check_weights()
             state.wrapper.begin_call()

@@ -13,6 +13,7 @@ from .base import Family
 
 FAMILIES = {
     "unet": "dcaccel.families.unet",
+    "mmdit": "dcaccel.families.mmdit",
 }
 
 

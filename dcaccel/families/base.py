@@ -39,6 +39,9 @@ class Family:
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         raise NotImplementedError
 
+    def check_call(self, kwargs: dict) -> None:
+        """Refuse, before anything runs, pipeline call arguments the graphs cannot honour."""
+
     def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         """The graph inputs of one denoiser call as the pipeline makes it; raises for arguments the graphs cannot
         honour."""

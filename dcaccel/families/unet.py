@@ -395,6 +395,11 @@ class UNetFamily(Family):
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"])
 
+    def check_call(self, kwargs: dict) -> None:
+        if kwargs.get("cross_attention_kwargs"):
+            raise ValueError(f"cross_attention_kwargs {sorted(kwargs['cross_attention_kwargs'])} are not supported: "
+                             "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
+
     def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
         names = ("sample", "timestep", "encoder_hidden_states")
