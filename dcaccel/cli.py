@@ -24,6 +24,7 @@ from pathlib import Path
 DEFAULT_MODEL = "shapes"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # for other models than shapes
 DEFAULT_GUIDANCE = 7.5
+SD3_GUIDANCE = 7.0
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "dpm": "DPMSolverMultistepScheduler",
@@ -66,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     add_model_arguments(gen)
     gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
     gen.add_argument("--guidance", type=float,
-                     help="classifier-free guidance scale (default 4 for shapes, else 7.5)")
+                     help="classifier-free guidance scale (default 4 for shapes, 7 for SD 3.x, else 7.5)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim")
+    gen.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                     help="U-Nets: replace the model's scheduler (default: keep it; DDIM for the embedded ones)")
     add_cache_arguments(gen)
     gen.add_argument("--backend", default="eager", help="eager, torch_compile, onnxruntime or tensorrt")
     add_option_argument(gen)
@@ -130,6 +132,10 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 def add_cut_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch", type=int, help="U-Nets: the skip branch the graphs are cut at, 0 = shallowest and "
                                               "fastest (default 0)")
+    p.add_argument("--head-blocks", type=int, help="SD 3.x transformers: the first blocks that run on a cached step "
+                                                   "(default 1)")
+    p.add_argument("--tail-blocks", type=int, help="SD 3.x transformers: the last blocks that run on a cached step "
+                                                   "(default 1)")
 
 
 def add_option_argument(p: argparse.ArgumentParser) -> None:
@@ -272,7 +278,8 @@ def load_model(args, task: str = "text2img"):
 def cache_config(args):
     from .config import DeepCacheConfig
 
-    return DeepCacheConfig(interval=args.interval, branch=args.branch, schedule=args.schedule, center=args.center,
+    return DeepCacheConfig(interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
+                           tail_blocks=args.tail_blocks, schedule=args.schedule, center=args.center,
                            power=args.power, full_steps=args.full_steps, cache_start=args.cache_start,
                            cache_end=args.cache_end)
 
@@ -309,13 +316,18 @@ def generate(args) -> int:
         args.prompt = args.prompt or shapes.DEFAULT_PROMPT
         args.guidance = shapes.GUIDANCE_SCALE if args.guidance is None else args.guidance
     args.prompt = args.prompt or DEFAULT_PROMPT
-    args.guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     print(f"model: {model_label(args.model)}")
     start = time.perf_counter()
     pipe = load_model(args, task)
     print(f"loaded in {time.perf_counter() - start:.1f} s ({task})")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
     denoiser_name = family_of_pipeline(pipe).denoiser_attr
+    if args.scheduler:
+        if denoiser_name != "unet":
+            raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "
+                             f"{type(pipe.scheduler).__name__} (leave --scheduler out)")
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    if args.guidance is None:
+        args.guidance = SD3_GUIDANCE if denoiser_name == "transformer" else DEFAULT_GUIDANCE
     label = "U-Net" if denoiser_name == "unet" else "transformer"
     size = default_resolution(pipe)
     height, width = args.height or size, args.width or size
@@ -447,7 +459,8 @@ def build(args) -> int:
         apply_loras(pipe, [parse_lora_argument(text) for text in args.lora], fuse=True)
     size = default_resolution(pipe)
     config = BuildConfig(height=args.height or size, width=args.width or size, batch_size=args.batch,
-                         cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, backend=args.backend,
+                         cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, head_blocks=args.head_blocks,
+                         tail_blocks=args.tail_blocks, backend=args.backend,
                          device=args.device, options=options)
     name = args.name or (args.model if args.model in ARCHITECTURES + TRAINED else Path(args.model).resolve().name)
     start = time.perf_counter()

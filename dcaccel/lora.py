@@ -196,17 +196,24 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _components(pipe, unet) -> dict:
-    """The pipeline's LoRA-loadable models by diffusers' component name, with the original U-Net."""
+def _denoiser_attr(pipe) -> str:
+    from .families import family_of_pipeline
+
+    return family_of_pipeline(pipe).denoiser_attr
+
+
+def _components(pipe, denoiser) -> dict:
+    """The pipeline's LoRA-loadable models by diffusers' component name, with the original denoiser."""
+    attr = _denoiser_attr(pipe)
     out = {}
     for name in pipe._lora_loadable_modules:
-        model = unet if name == "unet" else getattr(pipe, name, None)
+        model = denoiser if name == attr else getattr(pipe, name, None)
         if model is not None:
             out[name] = model
     return out
 
 
-def _read(pipe, unet, spec: LoraSpec, name: str) -> _LoraFile:
+def _read(pipe, denoiser, spec: LoraSpec, name: str) -> _LoraFile:
     from safetensors.torch import load as load_safetensors
 
     path = spec.path
@@ -226,10 +233,12 @@ def _read(pipe, unet, spec: LoraSpec, name: str) -> _LoraFile:
                          "a LoRA must be finite")
     try:
         # diffusers' own conversion (kohya -> diffusers keys and alphas), on a copy: it pops from what it is given.
-        converted, _ = type(pipe).lora_state_dict(dict(tensors), unet_config=unet.config)
+        extra = {"unet_config": denoiser.config} if _denoiser_attr(pipe) == "unet" else {}
+        converted = type(pipe).lora_state_dict(dict(tensors), **extra)
+        converted = converted[0] if isinstance(converted, tuple) else converted
     except Exception as e:
         raise ValueError(f"{path}: diffusers cannot read this LoRA ({type(e).__name__}: {e})") from e
-    targets = _check_keys(path, converted, _components(pipe, unet))
+    targets = _check_keys(path, converted, _components(pipe, denoiser), _denoiser_attr(pipe))
     return _LoraFile(spec, name, hashlib.sha256(data).hexdigest(), tensors, targets)
 
 
@@ -251,6 +260,9 @@ def _component_state_dicts(converted: dict, components: dict) -> tuple[dict, lis
         if component == "unet":
             if "lora_A" not in next(iter(sd)):
                 sd = convert_unet_state_dict_to_peft(sd)
+        elif component == "transformer":
+            if not any(".lora_A." in k or ".lora_B." in k for k in sd):
+                sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
         else:
             sd = convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))
             if not hasattr(components[component], "text_model"):
@@ -266,7 +278,7 @@ def _module_of(key: str) -> str | None:
     return None
 
 
-def _check_keys(path: Path, converted: dict, components: dict) -> dict:
+def _check_keys(path: Path, converted: dict, components: dict, denoiser_attr: str) -> dict:
     """Every key names a module of the pipeline and every lora_A/lora_B pair fits its module's weight.
     Returns {component: [module names]}; raises one ValueError naming what does not fit."""
     parts, stray = _component_state_dicts(converted, components)
@@ -304,8 +316,8 @@ def _check_keys(path: Path, converted: dict, components: dict) -> dict:
                         f"architecture?): {'; '.join(sorted(mismatched)[:_SHOWN])}")
     if problems:
         raise ValueError(f"LoRA {path} does not fit this pipeline: " + ". ".join(problems))
-    if "unet" not in targets:
-        logger.warning("LoRA %s changes no U-Net weight (only %s)", path, sorted(targets))
+    if denoiser_attr not in targets:
+        logger.warning("LoRA %s changes no %s weight (only %s)", path, denoiser_attr, sorted(targets))
     return {component: sorted(names) for component, names in targets.items()}
 
 
@@ -331,10 +343,11 @@ def _shape_problem(module, a, b) -> str | None:
 
 
 @contextlib.contextmanager
-def _plain_unet(pipe, dc):
-    """While DeepCache is enabled, pipe.unet is its step loop; diffusers' loaders must see the original U-Net."""
+def _plain_denoiser(pipe, dc):
+    """While DeepCache is enabled, the pipeline's denoiser is its step loop; diffusers' loaders must see the
+    original."""
     if dc is None:
-        yield pipe.unet
+        yield getattr(pipe, _denoiser_attr(pipe))
         return
     from .pipeline import _original_denoiser
 
@@ -383,9 +396,9 @@ def _change(pipe, specs: list[LoraSpec], fuse: bool):
     if not fuse and dc and dc.backend != "eager":
         raise ValueError(f"fuse=False keeps LoRA layers beside the weights, which the {dc.backend!r} graphs do "
                          "not contain; fuse them (the default), or use the eager backend")
-    with _plain_unet(pipe, dc) as unet:
-        components = _components(pipe, unet)
-        files = [_read(pipe, unet, s, n) for s, n in zip(specs, _names(specs))]
+    with _plain_denoiser(pipe, dc) as denoiser:
+        components = _components(pipe, denoiser)
+        files = [_read(pipe, denoiser, s, n) for s, n in zip(specs, _names(specs))]
         ours = {r["name"] for r in state["record"]} if state and not state["fused"] else set()
         foreign = {c: [a for a in names if a not in ours] for c, names in pipe.get_list_adapters().items()}
         foreign = {c: names for c, names in foreign.items() if names}

@@ -53,7 +53,6 @@ class EnabledState:
     original_class: type
     info: dict
     bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
-    fingerprint: tuple = None
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def graphs(self) -> dict[str, torch.nn.Module]:
@@ -62,13 +61,13 @@ class EnabledState:
     def refit(self) -> float:
         """Give the runner the denoiser's current weights (after a LoRA change). Returns the seconds it took."""
         seconds = self.runner.refit(self.graphs())
-        self.fingerprint = weights_fingerprint(self.denoiser, values=self.bakes_weights)
+        self.runner.weights_fingerprint = weights_fingerprint(self.denoiser, values=self.bakes_weights)
         return seconds
 
     def check_weights(self) -> None:
         """Refit if the denoiser's weights changed since the runner took them; raise if the runner cannot."""
         now = weights_fingerprint(self.denoiser, values=self.bakes_weights)
-        if fingerprints_equal(now, self.fingerprint):
+        if fingerprints_equal(now, self.runner.weights_fingerprint):
             return
         specs = self.info.get("specs")
         engine_dtype = specs["full"].inputs[0].dtype if specs and self.runner.static_shapes is not None else None
@@ -199,13 +198,28 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
         raise RuntimeError(f"pipe.{family.denoiser_attr} is the DeepCache step loop of another pipeline; make this "
                            f"pipeline from that one's `components` (the original {family.denoiser_attr})")
     runner, info = open_runner(pipe, config, backend, **options)
+    return attach(pipe, config, backend, runner, info)
+
+
+def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
+    """Put a runner made by engines.open_runner for this pipeline into it (what enable does after opening it).
+    A runner kept from an earlier attach may be attached again (the benchmark does, to interleave backends
+    without rebuilding them); the weights check at each call still guards it."""
+    family = family_of_pipeline(pipe)
+    if enabled_state(pipe) is not None:
+        raise RuntimeError("DeepCache is already enabled on this pipeline; call dcaccel.disable(pipe) first")
+    denoiser = getattr(pipe, family.denoiser_attr)
     cut = info["cut"]
+    if family.resolve_cut(denoiser, config) != cut:
+        raise ValueError(f"the runner was made for {family.cut_text(cut)}, the config asks for "
+                         f"{family.cut_text(family.resolve_cut(denoiser, config))}")
     sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
     wrapper = DeepCacheDenoiser(denoiser, family, runner, config, lambda: _num_evaluations(pipe), sync=sync)
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
     state = EnabledState(family=family, denoiser=denoiser, wrapper=wrapper, runner=runner, backend=backend,
                          config=config, cut=cut, original_class=type(pipe), info=info, bakes_weights=bakes)
-    state.fingerprint = weights_fingerprint(denoiser, values=bakes)
+    if getattr(runner, "weights_fingerprint", None) is None:  # a runner kept from an earlier attach has its own
+        runner.weights_fingerprint = weights_fingerprint(denoiser, values=bakes)
     # Set through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config for the denoiser.
     pipe.__dict__[family.denoiser_attr] = wrapper
     pipe.__class__ = _enabled_class(type(pipe), family.denoiser_attr)
@@ -214,8 +228,9 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     return pipe
 
 
-def disable(pipe):
-    """Give back the exact original pipeline: its own denoiser object and class."""
+def disable(pipe, close: bool = True):
+    """Give back the exact original pipeline: its own denoiser object and class. close=False keeps the runner
+    usable for a later attach()."""
     state = enabled_state(pipe)
     if state is None:
         raise RuntimeError("DeepCache is not enabled on this pipeline (dcaccel.enable was not called, or it was "
@@ -225,7 +240,8 @@ def disable(pipe):
         pipe.__dict__[state.family.denoiser_attr] = state.denoiser
         pipe.__class__ = state.original_class
         state.wrapper.detach()
-        state.runner.close()
+        if close:
+            state.runner.close()
     logger.info("DeepCache disabled")
     return pipe
 

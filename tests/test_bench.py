@@ -60,7 +60,10 @@ def test_graph_flops_meta_count_equals_cpu_count_and_matches_the_spec(tiny_pipe)
 
     unet = tiny_pipe("tiny").unet
     build = BuildConfig(height=32, width=32, branch=1)
-    meta = bench.graph_flops(unet, build, vae_scale=2, text_len=77)
+    from dcaccel.families.unet import FAMILY
+
+    geometry = {"vae_scale_factor": 2, "text_len": 77}
+    meta = bench.graph_flops(FAMILY, unet, {"branch": 1}, build, geometry)
     assert meta["method"].startswith("FlopCounterMode on a meta-device copy")
     specs = graph_specs(unet, 1, build, 2, 77)
     full, shallow = split_unet(unet, 1)
@@ -73,7 +76,8 @@ def test_graph_flops_meta_count_equals_cpu_count_and_matches_the_spec(tiny_pipe)
 
     with torch.device("meta"):
         sd15 = diffusers.UNet2DConditionModel(**architecture_config("sd15")["unet"])
-    f = bench.graph_flops(sd15, BuildConfig(height=256, width=256, branch=0), vae_scale=8, text_len=77)
+    f = bench.graph_flops(FAMILY, sd15, {"branch": 0}, BuildConfig(height=256, width=256, branch=0),
+                          {"vae_scale_factor": 8, "text_len": 77})
     assert f["shallow"] / f["full"] == pytest.approx(0.066, abs=5e-4)
 
 
@@ -166,13 +170,13 @@ def test_matrix_writes_jsonl_markdown_and_plot(matrix_run):
         assert {"platform", "cpu", "cores", "versions"} <= set(r["machine"])
         assert set(r["machine"]["versions"]) >= {"torch", "diffusers", "onnxruntime"}
     trt = _row(records, "dcaccel", "tensorrt", None)
-    assert trt["status"].startswith("not run: ") and trt.get("unet_loop_median_s") is None
+    assert trt["status"].startswith("not run: ") and trt.get("denoiser_loop_median_s") is None
     for r in records:
         if r["status"] != "ok":
             continue
-        for key in ("unet_loop_median_s", "unet_loop_p90_s", "pipeline_median_s", "pipeline_p90_s",
+        for key in ("denoiser_loop_median_s", "denoiser_loop_p90_s", "pipeline_median_s", "pipeline_p90_s",
                     "full_step_median_s", "theoretical_speedup", "flops_full", "flops_shallow",
-                    "speedup_unet_vs_eager", "speedup_pipeline_vs_eager"):
+                    "speedup_loop_vs_eager", "speedup_pipeline_vs_eager"):
             assert r[key] is not None and r[key] > 0, (r["label"], key)
         assert r["memory_method"] and r["peak_mem_delta_mb"] is not None
     md = (out / "results.md").read_text()
@@ -180,7 +184,7 @@ def test_matrix_writes_jsonl_markdown_and_plot(matrix_run):
     assert md.count("\n| ") == len(records) + 1
     assert "not run: TensorRT needs" in md or "not run: " in md
     assert (out / "results.png").is_file()
-    unet = b.unet
+    unet = b.denoiser
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in unet.modules()), "timing hooks removed"
     assert unet is b.pipe.unet, "every backend disabled again"
 
@@ -192,7 +196,7 @@ def test_matrix_fidelity_and_speed_fields(matrix_run):
     eager0 = _row(records, "dcaccel", "eager", 1)
     assert eager0["fidelity_vs"] == "diffusers (no dcaccel)" and eager0["latent_rel_l2"] == 0.0
     assert eager0["images_identical"] and eager0["ssim"] == pytest.approx(1.0)
-    assert eager0["theoretical_speedup"] == 1.0 and eager0["speedup_unet_vs_eager"] == 1.0
+    assert eager0["theoretical_speedup"] == 1.0 and eager0["speedup_loop_vs_eager"] == 1.0
     ort0 = _row(records, "dcaccel", "onnxruntime", 1)
     assert ort0["latent_rel_l2"] < 1e-4 and ort0["build_seconds"] > 0
     for backend, kind in (("eager", "dcaccel"), ("onnxruntime", "dcaccel"), ("eager", "reference")):
@@ -203,7 +207,7 @@ def test_matrix_fidelity_and_speed_fields(matrix_run):
         assert r["theoretical_speedup"] == pytest.approx(4 * f_full / (2 * f_full + 2 * f_shallow))
         assert r["fidelity_vs"] == f"{backend}: no cache" and r["latent_rel_l2"] > 1e-4
         assert r["psnr_db"] > 0 and 0 < r["ssim"] < 1 and r["shallow_step_median_s"] > 0
-        assert r["achieved_fraction"] == pytest.approx(r["speedup_unet_vs_own_no_cache"] / r["theoretical_speedup"])
+        assert r["achieved_fraction"] == pytest.approx(r["speedup_loop_vs_own_no_cache"] / r["theoretical_speedup"])
     # The reference helper and dcaccel's eager graphs compute the same thing.
     ours, ref = _row(records, "dcaccel", "eager", 2), _row(records, "reference", "eager", 2)
     assert ours["latent_rel_l2"] == pytest.approx(ref["latent_rel_l2"], rel=1e-4)
@@ -220,14 +224,14 @@ def test_sweep_recommends_a_setting_within_the_bound(tmp_path):
     assert all(r["loras"] == [] for r in rows)
     for r in rows:
         inside = r["latent_rel_l2"] <= 0.05
-        assert (r["not_timed"] is None) == inside and (r["unet_loop_median_s"] is not None) == inside
+        assert (r["not_timed"] is None) == inside and (r["denoiser_loop_median_s"] is not None) == inside
     [rec] = [r for r in records if r["kind"] == "recommendation"]
     saved = json.loads((tmp_path / "recommendation.json").read_text())
     assert saved == [rec] and rec["steps"] == 5 and rec["backend"] == "eager"
     within = [r for r in rows if r["latent_rel_l2"] <= 0.05]
     if within:
         assert rec["latent_rel_l2"] <= 0.05
-        assert rec["unet_loop_median_s"] == min(r["unet_loop_median_s"] for r in within)
+        assert rec["denoiser_loop_median_s"] == min(r["denoiser_loop_median_s"] for r in within)
     else:
         assert rec["recommendation"].startswith("none of the tried settings")
     assert "Recommendation (sweep)" in (tmp_path / "results.md").read_text()
@@ -243,3 +247,33 @@ def test_bad_arguments(tmp_path):
         bench.run(_args(["--max-rel-l2", "0.1", "--out", str(tmp_path), "--quiet"]))
     with pytest.raises(ValueError, match=r"--branch \[12\] out of range: this U-Net has branches 0..11"):
         bench.run(_args(["--arch", "tiny", "--branch", "12", "--out", str(tmp_path), "--quiet"]))
+
+
+def test_sd3_matrix_with_cache_dit_beside_ours(tmp_path):
+    """The SD 3 family in the harness: our rows, cache-dit's static DBCache with the same cut and schedule (equal
+    latents), FLOPs of the transformer's graphs, and the interleaved timing fields."""
+    pytest.importorskip("cache_dit")
+    args = _args(["--arch", "tiny-sd3", "--backends", "eager", "onnxruntime", "--interval", "3", "--head-blocks",
+                  "1", "--tail-blocks", "0", "1", "--steps", "6", "--repeats", "2", "--out", str(tmp_path),
+                  "--no-progress", "--quiet", "--threads", "1", "--peers", "cache-dit"])
+    records = bench.run(args)
+    labels = [r["label"] for r in records]
+    assert labels[:4] == ["diffusers (no dcaccel)", "eager: no cache", "eager: interval 3, head 1, tail 0, uniform",
+                          "eager: interval 3, head 1, tail 1, uniform"]
+    assert "cache-dit DBCache (static mask): interval 3, head 1, tail 1, uniform" in labels
+    for r in records:
+        assert r["status"] == "ok", (r["label"], r["status"])
+        assert r["family"] == "mmdit" and r["timed_calls"] == 2 and r["interleaved"]
+    peers = [r for r in records if r["kind"] == "reference"]
+    assert len(peers) == 2 and all(r["latents_equal_eager"] for r in peers)
+    for r in peers:
+        assert r["full_steps"] == [0, 3] and (r["n_full"], r["n_shallow"]) == (2, 4)
+        assert r["speedup_loop_vs_own_no_cache"] > 0 and r["fidelity_vs"] == "eager: no cache"
+    cached = [r for r in records if r["kind"] == "dcaccel" and r["interval"] == 3]
+    assert {(r["head_blocks"], r["tail_blocks"]) for r in cached} == {(1, 0), (1, 1)}
+    for r in cached:
+        assert 0 < r["flops_shallow_fraction"] < 1 and r["theoretical_speedup"] > 1
+    h1t0 = next(r for r in cached if r["tail_blocks"] == 0 and r["backend"] == "eager")
+    h1t1 = next(r for r in cached if r["tail_blocks"] == 1 and r["backend"] == "eager")
+    assert h1t0["flops_shallow_fraction"] < h1t1["flops_shallow_fraction"]
+    assert "cache-dit" in (tmp_path / "results.md").read_text()

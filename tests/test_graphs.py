@@ -43,7 +43,7 @@ def test_refit_refuses_weights_that_were_merged_and_now_differ():
 
     graph = torch.nn.Module()
     graph.a, graph.b = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
-    wmap = {"format": 2, "unmatched": [], "unmapped_params": {},
+    wmap = {"format": 3, "unmatched": [], "unmapped_params": {}, "constants": [],
             "initializers": {"onnx::Mul_1": {"shape": [4, 1, 1], "dtype": "float32",
                                              "params": [["a", "reshape"], ["b", "reshape"]]}}}
     assert initializer_values(graph, wmap)["onnx::Mul_1"].shape == (4, 1, 1)
@@ -57,7 +57,7 @@ def test_garbage_weight_map_is_refused_clearly(tmp_path):
     from dcaccel.graphs.weights import read_weight_map
 
     path = tmp_path / "full.weights.json"
-    for text in ("{not json", "[]", '{"format": 1}'):
+    for text in ("{not json", "[]", '{"format": 1}', '{"format": 3, "initializers": {}}'):
         path.write_text(text)
         with pytest.raises(EngineError, match=r"full graph: .*rebuild the engine \(--force\)"):
             read_weight_map(path, "full graph")

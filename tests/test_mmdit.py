@@ -258,6 +258,11 @@ def test_onnxruntime_engine_equals_eager(sd3, sd3_engine):
     data = Manifest.read(sd3_engine).data
     assert data["family"] == "mmdit" and data["build"]["head_blocks"] == 1 and data["build"]["tail_blocks"] == 1
     assert set(data["graphs"]["full"]["tolerance"]["reached"]) == {"noise", "feature_image", "feature_text"}
+    from dcaccel.graphs.weights import read_weight_map
+
+    wmap = read_weight_map(sd3_engine / "full.weights.json", "full")
+    # the cropped position embedding is folded into a constant that depends on no parameter: still refittable
+    assert wmap["constants"] and not wmap["unmatched"]
     pipe = sd3()
     cfg = DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1)
     eager, _ = _ours(pipe, cfg)
@@ -289,3 +294,51 @@ def test_torch_compile_equals_eager(sd3):
         dcaccel.disable(pipe)
     torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+# -- LoRA -------------------------------------------------------------------------------------------------------
+
+def _sd3_lora(transformer, path, seed, rank=4, std=0.2):
+    """An SD3 LoRA in diffusers' format: transformer.<module>.lora_A/B.weight on every attention projection."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(("to_q", "to_k", "to_v", "add_q_proj")):
+            out_f, in_f = module.weight.shape
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * std
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * std
+    save_file(tensors, str(path))
+    return path
+
+
+def test_lora_fused_and_swapped_on_sd3(sd3, sd3_engine, tmp_path):
+    from dcaccel.lora import LoraSpec, apply_loras, current_loras, remove_loras, swap_loras
+
+    pipe = sd3()
+    a = _sd3_lora(pipe.transformer, tmp_path / "a.safetensors", seed=1)
+    b = _sd3_lora(pipe.transformer, tmp_path / "b.safetensors", seed=2)
+    cfg = DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1)
+    dcaccel.enable(pipe, cfg)
+    plain = run(pipe)
+    apply_loras(pipe, [LoraSpec(a, 0.8)], fuse=False)
+    unfused_a = run(pipe)
+    remove_loras(pipe)
+    apply_loras(pipe, [LoraSpec(a, 0.8)])
+    torch.testing.assert_close(run(pipe), unfused_a, atol=1e-4, rtol=1e-4)  # fused equals unfused
+    assert (unfused_a - plain).abs().max() > 1e-2
+    swap_loras(pipe, [b])
+    eager_b = run(pipe)
+    remove_loras(pipe)
+    torch.testing.assert_close(run(pipe), plain, rtol=0, atol=0)  # weights restored bit for bit
+    dcaccel.disable(pipe)
+    # onnxruntime: a swap refits the built graphs (no export) and gives what eager gives
+    dcaccel.enable(pipe, cfg, backend="onnxruntime", engine_dir=sd3_engine)
+    try:
+        swap_loras(pipe, [b])
+        assert dcaccel.enabled_state(pipe).runner.loras == current_loras(pipe)
+        torch.testing.assert_close(run(pipe), eager_b, atol=2e-4, rtol=1e-3)
+        remove_loras(pipe)
+    finally:
+        dcaccel.disable(pipe)

@@ -69,7 +69,7 @@ def build(graphs, specs, directory: Path, options: Options):
     for name in GRAPHS:
         path = directory / f"{name}.onnx"
         files = export_onnx(graphs[name], specs[name], path, exporter=options.exporter, opset=options.opset)
-        wmap = weight_map(path, graphs[name])
+        wmap = weight_map(path, graphs[name], specs[name], options.exporter, options.opset)
         if not refittable(wmap):
             logger.warning("%s: initializers %s hold no parameter as such; this engine cannot be refitted",
                            path.name, wmap["unmatched"][:5])

@@ -100,7 +100,8 @@ def build(graphs, specs, directory: Path, options: Options):
                      "exporter": options.exporter}
         if options.refittable:
             wmap = f"{name}.weights.json"
-            (directory / wmap).write_text(json.dumps(weight_map(directory / files[0], graphs[name])))
+            (directory / wmap).write_text(json.dumps(weight_map(directory / files[0], graphs[name], specs[name],
+                                                                options.exporter, options.opset)))
             out[name]["files"]["weights"] = wmap
     return out, None
 

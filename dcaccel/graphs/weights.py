@@ -17,7 +17,7 @@ import torch
 
 from ..errors import EngineError, require
 
-WEIGHT_MAP_FORMAT = 2
+WEIGHT_MAP_FORMAT = 3
 
 
 def _digest(a: np.ndarray) -> str:
@@ -32,7 +32,8 @@ def graph_parameters(graph: torch.nn.Module) -> dict[str, torch.Tensor]:
     return dict(graph.named_parameters(remove_duplicate=False))
 
 
-def weight_map(onnx_path: Path, graph: torch.nn.Module) -> dict:
+def weight_map(onnx_path: Path, graph: torch.nn.Module, spec=None, exporter: str = "torchscript",
+               opset: int = 17) -> dict:
     """Map each initializer of an exported graph to the graph parameters it holds, by value.
 
     The torchscript exporter keeps a parameter's name when it uses the tensor as it is, but constant folding
@@ -44,8 +45,15 @@ def weight_map(onnx_path: Path, graph: torch.nn.Module) -> dict:
       initializers:    {name: {shape, dtype, params: [[parameter, "reshape" | "transpose"], ...]}}
       unmapped_params: {parameter: digest} used by the graph but held by no initializer as such; a refit
                        refuses if any of them changed
-      unmatched:       float initializers of more than one value that hold no parameter (constants derived
-                       from weights some other way): if there are any, the engine cannot be refitted
+      constants:       float initializers that hold no parameter and do not depend on any (folded from
+                       buffers, e.g. SD3's cropped position embedding): kept as they are by a refit
+      unmatched:       float initializers of more than one value that hold no parameter but change with the
+                       parameters (derived from weights some other way): if there are any, the engine cannot be
+                       refitted
+
+    Which unmatched initializers are constants is found by exporting the graph again with every parameter
+    changed (and put back exactly afterwards): those whose bytes stay the same depend on no parameter. That
+    second export is made only when there are such initializers, and only with `spec` given.
     """
     onnx = require("onnx", "onnxruntime", "onnx")
     from onnx import numpy_helper
@@ -70,7 +78,41 @@ def weight_map(onnx_path: Path, graph: torch.nn.Module) -> dict:
         elif a.dtype.kind == "f" and a.size > 1:
             unmatched.append(name)
     unmapped = {n: _digest(t.numpy()) for n, t in params.items() if n not in used}
-    return {"format": WEIGHT_MAP_FORMAT, "initializers": mapped, "unmapped_params": unmapped, "unmatched": unmatched}
+    constants = []
+    if unmatched and spec is not None:
+        constants = _independent_of_parameters(graph, spec, dict(inits), unmatched, exporter, opset, onnx_path)
+        unmatched = [n for n in unmatched if n not in constants]
+    return {"format": WEIGHT_MAP_FORMAT, "initializers": mapped, "unmapped_params": unmapped,
+            "constants": constants, "unmatched": unmatched}
+
+
+def _independent_of_parameters(graph, spec, inits: dict, names: list[str], exporter: str, opset: int,
+                               onnx_path: Path) -> list[str]:
+    """Those of `names` whose values are the same in an export of `graph` with every parameter changed."""
+    import tempfile
+
+    from onnx import numpy_helper
+
+    from .onnx import export_onnx
+
+    onnx = require("onnx", "onnxruntime", "onnx")
+    params = list(graph_parameters(graph).values())
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(1.5).add_(0.25)
+        with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as tmp:
+            path = Path(tmp) / "perturbed.onnx"
+            export_onnx(graph, spec, path, exporter=exporter, opset=opset)
+            again = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
+                     if i.name in names}
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+    return [n for n in names if n in again and again[n].shape == inits[n].shape and
+            _digest(again[n]) == _digest(inits[n])]
 
 
 def read_weight_map(path: Path, what: str) -> dict:
@@ -82,7 +124,7 @@ def read_weight_map(path: Path, what: str) -> dict:
                           "engine (--force)") from e
     if not isinstance(wmap, dict) or wmap.get("format") != WEIGHT_MAP_FORMAT or not all(
             isinstance(wmap.get(k), t) for k, t in (("initializers", dict), ("unmapped_params", dict),
-                                                     ("unmatched", list))):
+                                                     ("constants", list), ("unmatched", list))):
         raise EngineError(f"{what}: {path} is not a weight map of format {WEIGHT_MAP_FORMAT}; rebuild the engine "
                           "(--force)")
     return wmap
