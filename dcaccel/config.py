@@ -79,6 +79,8 @@ class DeepCacheConfig:
     center, power:  shape of the non-uniform schedule (center defaults to 15 of 50 evaluations, scaled).
     full_steps: the explicit list of full evaluations (0-based; 0 is always added).
     cache_start, cache_end: optional window; outside [cache_start, cache_end) every evaluation is full.
+    cut_controlnet: ControlNet pipelines: run only the ControlNets' first layers on cached steps (what the shallow
+                U-Net reads; the default, same output). False runs them whole on every step.
     """
 
     interval: int = 3
@@ -91,9 +93,12 @@ class DeepCacheConfig:
     full_steps: tuple[int, ...] | None = None
     cache_start: int = 0
     cache_end: int | None = None
+    cut_controlnet: bool = True
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.cut_controlnet, bool):
+            raise ValueError(f"cut_controlnet must be True or False, got {self.cut_controlnet!r}")
         put("interval", check_int("interval", self.interval, 1))
         for name in ("branch", "head_blocks", "tail_blocks", "center", "cache_end"):
             if getattr(self, name) is not None:
@@ -136,6 +141,8 @@ class BuildConfig:
     branch: int | None = None
     head_blocks: int | None = None
     tail_blocks: int | None = None
+    cut_controlnet: bool = True    # ControlNet pipelines: see DeepCacheConfig
+    guess_mode: bool = False       # ControlNet pipelines: built for guess_mode calls (the ControlNets see half the batch)
     backend: str = "onnxruntime"
     device: str = "cpu"
     options: dict = field(default_factory=dict, hash=False, compare=True)
@@ -148,8 +155,9 @@ class BuildConfig:
                 raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}")
             put(name, value)
         put("batch_size", check_int("batch_size", self.batch_size, 1, 64))
-        if not isinstance(self.cfg, bool):
-            raise ValueError(f"cfg must be True or False, got {self.cfg!r}")
+        for name in ("cfg", "cut_controlnet", "guess_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose from {list(DTYPES)}")
         for name in ("branch", "head_blocks", "tail_blocks"):
@@ -167,7 +175,8 @@ class BuildConfig:
 
     def cache_config(self) -> DeepCacheConfig:
         """The cut as a DeepCacheConfig (what a family resolves)."""
-        return DeepCacheConfig(branch=self.branch, head_blocks=self.head_blocks, tail_blocks=self.tail_blocks)
+        return DeepCacheConfig(branch=self.branch, head_blocks=self.head_blocks, tail_blocks=self.tail_blocks,
+                               cut_controlnet=self.cut_controlnet)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -145,7 +145,8 @@ def engine_fields(family, denoiser, cut: dict, build: BuildConfig, geometry: dic
         "weights_hash": whash,
         "loras": loras,
         "build": {"height": build.height, "width": build.width, "batch_size": build.batch_size, "cfg": build.cfg,
-                  "dtype": build.dtype, **cut, "backend": backend.NAME, "options": build_options},
+                  "dtype": build.dtype, "guess_mode": build.guess_mode, **cut, "backend": backend.NAME,
+                  "options": build_options},
         "geometry": geometry,
         "specs": specs_to_dict(specs),
         "versions": {pkg: versions.get(pkg) for pkg in backend.VERSIONS},
@@ -404,7 +405,7 @@ class _Request:
     def __init__(self, pipe, cut_config: DeepCacheConfig | BuildConfig, backend: str):
         self.pipe = pipe
         self.family = family_of_pipeline(pipe)
-        self.denoiser = getattr(pipe, self.family.denoiser_attr)
+        self.denoiser = self.family.denoiser(pipe)
         self.family.check(self.denoiser)
         self.cut = self.family.resolve_cut(self.denoiser, cut_config)
         self.backend = get_backend(backend)
@@ -503,7 +504,7 @@ def build_engines(pipe, build: BuildConfig, out_dir: str | Path = "engines", mod
 
 def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engine_dir: str | Path | None = None,
                 height: int | None = None, width: int | None = None, batch_size: int = 1, cfg: bool = True,
-                dtype: str | None = None, verify_files: bool = True, **options):
+                dtype: str | None = None, guess_mode: bool = False, verify_files: bool = True, **options):
     """A runner of `pipe`'s denoiser, cut as `cut_config` says, on `backend`: from a built `engine_dir` (checked
     as described above), or built now for height/width/batch_size/cfg (torch_compile compiles in memory,
     onnxruntime and tensorrt build into a scratch directory removed with the runner). Returns (runner, info)."""
@@ -524,7 +525,7 @@ def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engin
     if height is None or width is None:
         raise ValueError(f"backend {backend!r} needs engine_dir=..., or height=, width= (and batch_size=, cfg=) to "
                          "build its static-shape graphs now")
-    build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg,
+    build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg, guess_mode=guess_mode,
                         dtype=dtype or dtype_name(req.denoiser.dtype), backend=req.backend.NAME, **req.cut,
                         options={k: v for k, v in options.items() if k in req.backend.Options.build_fields()})
     parsed = req.options(options)
@@ -568,7 +569,8 @@ def _open_dir(req: _Request, directory: Path, options: dict, verify_files: bool 
     b = manifest.build
     try:
         build = BuildConfig(height=b["height"], width=b["width"], batch_size=b["batch_size"], cfg=b["cfg"],
-                            dtype=dtype_name(req.denoiser.dtype), backend=req.backend.NAME, **req.cut)
+                            guess_mode=b.get("guess_mode", False), dtype=dtype_name(req.denoiser.dtype),
+                            backend=req.backend.NAME, **req.cut)
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{directory / MANIFEST}: build settings are malformed ({e}); rebuild with --force") from e
     specs = req.specs(build)

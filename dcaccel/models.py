@@ -29,6 +29,12 @@ _PIPELINES = {
     ("sd3", "text2img"): "StableDiffusion3Pipeline",
     ("sd3", "img2img"): "StableDiffusion3Img2ImgPipeline",
     ("sd3", "inpaint"): "StableDiffusion3InpaintPipeline",
+    ("sd", "controlnet-text2img"): "StableDiffusionControlNetPipeline",
+    ("sd", "controlnet-img2img"): "StableDiffusionControlNetImg2ImgPipeline",
+    ("sd", "controlnet-inpaint"): "StableDiffusionControlNetInpaintPipeline",
+    ("sdxl", "controlnet-text2img"): "StableDiffusionXLControlNetPipeline",
+    ("sdxl", "controlnet-img2img"): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("sdxl", "controlnet-inpaint"): "StableDiffusionXLControlNetInpaintPipeline",
 }
 
 
@@ -84,15 +90,45 @@ def build_components(arch: str, seed: int = 0) -> dict:
 def pipeline_class(family: str, task: str):
     import diffusers
 
-    if task not in TASKS:
+    if task.removeprefix("controlnet-") not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {list(TASKS)}")
     return getattr(diffusers, _PIPELINES[(family, task)])
 
 
-def build_pipeline(arch: str = "tiny", task: str = "text2img", seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A pipeline of the embedded architecture `arch` with random (untrained) weights."""
+def build_controlnet(unet, vae_scale: int, seed: int = 0):
+    """A ControlNet for `unet` (its encoder's architecture, as ControlNetModel.from_unet makes it) with random
+    weights, its zero-initialised output convolutions included: trained ControlNets do not output zeros, and
+    neither should the ones speed and equality are measured on. The conditioning embedding downsamples as the
+    VAE does."""
+    import diffusers
+
+    levels = max(1, vae_scale.bit_length())  # 2 ** (levels - 1) == vae_scale
+    channels = (16, 32, 96, 256)[:levels] if levels <= 4 else (16,) * levels
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
+                                                 load_weights_from_unet=False)
+        for module in list(cn.controlnet_down_blocks) + [cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(module.weight, std=0.05)
+            torch.nn.init.normal_(module.bias, std=0.05)
+    return cn.eval()
+
+
+def build_pipeline(arch: str = "tiny", task: str = "text2img", seed: int = 0, dtype: torch.dtype = torch.float32,
+                   controlnets: int = 0):
+    """A pipeline of the embedded architecture `arch` with random (untrained) weights; with `controlnets` >= 1,
+    the ControlNet pipeline of `task` with that many ControlNets (a MultiControlNetModel for more than one)."""
     cfg = architecture_config(arch)
     comps = build_components(arch, seed)
+    if controlnets:
+        import diffusers
+
+        if cfg["family"] == "sd3":
+            raise ValueError("SD 3 ControlNets are not supported; ControlNets go with the U-Net architectures")
+        vae_scale = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+        nets = [build_controlnet(comps["unet"], vae_scale, seed + 1 + k) for k in range(controlnets)]
+        comps["controlnet"] = nets[0] if controlnets == 1 else diffusers.MultiControlNetModel(nets)
+        task = f"controlnet-{task}"
     pipe = pipeline_class(cfg["family"], task)(**comps)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -44,7 +44,8 @@ class EnabledState:
     """What dcaccel.enable did to a pipeline (see enabled_state)."""
 
     family: object
-    denoiser: torch.nn.Module          # the original denoiser
+    denoiser: torch.nn.Module          # the original denoiser (what pipe.<denoiser_attr> was)
+    model: torch.nn.Module             # what the graphs are cut from: the denoiser, or it with its ControlNets
     wrapper: DeepCacheDenoiser
     runner: object
     backend: str
@@ -53,20 +54,21 @@ class EnabledState:
     original_class: type
     info: dict
     bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
+    restore_extras: object = None      # undoes what the family did besides the denoiser (ControlNet calls)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def graphs(self) -> dict[str, torch.nn.Module]:
-        return dict(zip(GRAPHS, self.family.split(self.denoiser, self.cut)))
+        return dict(zip(GRAPHS, self.family.split(self.model, self.cut)))
 
     def refit(self) -> float:
         """Give the runner the denoiser's current weights (after a LoRA change). Returns the seconds it took."""
         seconds = self.runner.refit(self.graphs())
-        self.runner.weights_fingerprint = weights_fingerprint(self.denoiser, values=self.bakes_weights)
+        self.runner.weights_fingerprint = weights_fingerprint(self.model, values=self.bakes_weights)
         return seconds
 
     def check_weights(self) -> None:
         """Refit if the denoiser's weights changed since the runner took them; raise if the runner cannot."""
-        now = weights_fingerprint(self.denoiser, values=self.bakes_weights)
+        now = weights_fingerprint(self.model, values=self.bakes_weights)
         if fingerprints_equal(now, self.runner.weights_fingerprint):
             return
         specs = self.info.get("specs")
@@ -209,17 +211,21 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
     if enabled_state(pipe) is not None:
         raise RuntimeError("DeepCache is already enabled on this pipeline; call dcaccel.disable(pipe) first")
     denoiser = getattr(pipe, family.denoiser_attr)
+    model = family.denoiser(pipe)
     cut = info["cut"]
-    if family.resolve_cut(denoiser, config) != cut:
+    if family.resolve_cut(model, config) != cut:
         raise ValueError(f"the runner was made for {family.cut_text(cut)}, the config asks for "
-                         f"{family.cut_text(family.resolve_cut(denoiser, config))}")
+                         f"{family.cut_text(family.resolve_cut(model, config))}")
     sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
-    wrapper = DeepCacheDenoiser(denoiser, family, runner, config, lambda: _num_evaluations(pipe), sync=sync)
+    wrapper = DeepCacheDenoiser(model, family, runner, config, lambda: _num_evaluations(pipe), sync=sync,
+                                original=denoiser)
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
-    state = EnabledState(family=family, denoiser=denoiser, wrapper=wrapper, runner=runner, backend=backend,
-                         config=config, cut=cut, original_class=type(pipe), info=info, bakes_weights=bakes)
+    state = EnabledState(family=family, denoiser=denoiser, model=model, wrapper=wrapper, runner=runner,
+                         backend=backend, config=config, cut=cut, original_class=type(pipe), info=info,
+                         bakes_weights=bakes)
     if getattr(runner, "weights_fingerprint", None) is None:  # a runner kept from an earlier attach has its own
-        runner.weights_fingerprint = weights_fingerprint(denoiser, values=bakes)
+        runner.weights_fingerprint = weights_fingerprint(model, values=bakes)
+    state.restore_extras = family.attach_extras(pipe, wrapper)
     # Set through __dict__: DiffusionPipeline.__setattr__ would rewrite the pipeline's config for the denoiser.
     pipe.__dict__[family.denoiser_attr] = wrapper
     pipe.__class__ = _enabled_class(type(pipe), family.denoiser_attr)
@@ -239,6 +245,7 @@ def disable(pipe, close: bool = True):
         del pipe.__dict__[_STATE]
         pipe.__dict__[state.family.denoiser_attr] = state.denoiser
         pipe.__class__ = state.original_class
+        state.restore_extras()
         state.wrapper.detach()
         if close:
             state.runner.close()

@@ -77,9 +77,13 @@ class DeepCacheDenoiser(nn.Module):
     as it is, so a pipeline that kept a reference to it is never left running DeepCache.
     """
 
-    def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None):
+    def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None, original=None):
+        """`denoiser`: the model the graphs were cut from; `original`: the pipeline attribute it stands in for
+        (the same module, except where a family joins more models to the denoiser, e.g. ControlNets)."""
         super().__init__()
         self.denoiser = denoiser
+        self.original = denoiser if original is None else original
+        self.pending_control = None
         self.family = family
         self.runner = runner
         self.deepcache_config = config
@@ -93,20 +97,20 @@ class DeepCacheDenoiser(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["denoiser"], name)
+            return getattr(self._modules["original"], name)
 
     # The weights are the original denoiser's, under its own names.
     def state_dict(self, *args, **kwargs):
-        return self._modules["denoiser"].state_dict(*args, **kwargs)
+        return self._modules["original"].state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
-        return self._modules["denoiser"].load_state_dict(*args, **kwargs)
+        return self._modules["original"].load_state_dict(*args, **kwargs)
 
     def named_parameters(self, *args, **kwargs):
-        return self._modules["denoiser"].named_parameters(*args, **kwargs)
+        return self._modules["original"].named_parameters(*args, **kwargs)
 
     def named_buffers(self, *args, **kwargs):
-        return self._modules["denoiser"].named_buffers(*args, **kwargs)
+        return self._modules["original"].named_buffers(*args, **kwargs)
 
     def reset(self) -> None:
         """Forget everything from the previous call: the next evaluation is step 0, a full step."""
@@ -126,14 +130,14 @@ class DeepCacheDenoiser(nn.Module):
 
     def forward(self, *args, **kwargs):
         if self._detached:
-            return self._modules["denoiser"](*args, **kwargs)
+            return self._modules["original"](*args, **kwargs)
         if self._owner_thread != threading.get_ident():
             raise RuntimeError(
                 f"this {self.family.denoiser_attr} is dcaccel's DeepCache step loop of another pipeline: it runs only "
                 "inside that pipeline's calls. Make other pipelines from `pipe.components` (which hold the original "
                 f"{self.family.denoiser_attr}) and call dcaccel.enable on them")
         return_dict = kwargs.get("return_dict", True)
-        inputs = self.family.call_inputs(self._modules["denoiser"], args, kwargs)
+        inputs = self.family.call_inputs(self._modules["denoiser"], args, kwargs, self)
         if self._mask is None:
             n = self._num_steps_fn()
             self._mask = full_step_mask(self.deepcache_config, n)

@@ -48,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                        help="fuse this LoRA first, via dcaccel.lora (repeatable)")
     model.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    model.add_argument("--controlnets", type=int, default=0, metavar="K",
+                       help="with --arch: the ControlNet pipeline with K random ControlNets (default 0: none)")
+    model.add_argument("--controlnet-cut", choices=("cut", "whole", "both"), default="both",
+                       help="ControlNet pipelines: DeepCache rows with the ControlNet cut at the branch, run whole "
+                            "on cached steps, or both (default both)")
 
     matrix = parser.add_argument_group("matrix")
     matrix.add_argument("--backends", nargs="+", choices=BACKENDS,

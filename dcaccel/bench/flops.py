@@ -68,11 +68,7 @@ def graph_flops(family, denoiser, cut: dict, build: BuildConfig, geometry: dict)
                 (next(denoiser.parameters()).device, "FlopCounterMode on the model")]
     for device, method in attempts:
         try:
-            if device == "meta":
-                with torch.device("meta"):
-                    model = type(denoiser).from_config(denoiser.config).eval()
-            else:
-                model = denoiser
+            model = _meta_copy(denoiser) if device == "meta" else denoiser
             graphs = dict(zip(GRAPHS, family.split(model, cut)))
             counts = {name: count_flops(graphs[name], specs[name], specs[name].sample_inputs(device=device))
                       for name in GRAPHS}
@@ -80,6 +76,16 @@ def graph_flops(family, denoiser, cut: dict, build: BuildConfig, geometry: dict)
         except Exception as e:  # a kernel without a meta implementation, say: count on the real model
             logger.info("FLOP count (%s) failed: %s", method, e)
     raise RuntimeError("could not count the FLOPs of the split graphs")
+
+
+def _meta_copy(model):
+    """The same architecture on the meta device (a ControlledUNet: its U-Net and ControlNets)."""
+    if hasattr(model, "controlnets"):
+        from ..families.controlnet import ControlledUNet
+
+        return ControlledUNet(_meta_copy(model.unet), [_meta_copy(cn) for cn in model.controlnets])
+    with torch.device("meta"):
+        return type(model).from_config(model.config).eval()
 
 
 def theoretical_speedup(num_evaluations: int, n_full: int, n_shallow: int, f_full: int, f_shallow: int) -> float:

@@ -10,7 +10,7 @@ import torch
 from ..config import DeepCacheConfig
 
 # The peers a family's DeepCache rows are compared with, in the same run and with the same settings.
-PEERS = {"unet": ("deepcache",), "mmdit": ("cache-dit", "cache-dit+compile")}
+PEERS = {"unet": ("deepcache",), "controlnet": ("deepcache",), "mmdit": ("cache-dit", "cache-dit+compile")}
 PEER_LABELS = {"deepcache": "reference DeepCacheSDHelper", "cache-dit": "cache-dit DBCache (static mask)",
                "cache-dit+compile": "cache-dit DBCache (static mask) + torch.compile"}
 PEER_PACKAGES = {"deepcache": ("DeepCache", "pip install DeepCache==0.1.1"),
@@ -21,7 +21,7 @@ PEER_PACKAGES = {"deepcache": ("DeepCache", "pip install DeepCache==0.1.1"),
 def cut_text(config: DeepCacheConfig) -> str:
     if config.head_blocks is not None or config.tail_blocks is not None:
         return f"head {config.head_blocks}, tail {config.tail_blocks}"
-    return f"branch {config.branch}"
+    return f"branch {config.branch}" + ("" if config.cut_controlnet else ", whole ControlNet")
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ def plan(backends, settings: list[DeepCacheConfig], no_cache: DeepCacheConfig, f
                         why = f"not run: the {module} package is not installed ({install})"
                     elif c.schedule != "uniform":
                         why = "not run: the peer is compared on the uniform schedule only"
+                    elif not c.cut_controlnet:
+                        continue  # the peer runs the whole ControlNet anyway: one row per setting
                     cases.append(Case("reference", "torch_compile" if peer.endswith("compile") else "eager", c,
                                       peer=peer, not_run=why))
     return cases

@@ -114,6 +114,7 @@ class Bench:
         self.pipe, self.model_name, self.weights = self._load_pipeline()
         self.family = family_of_pipeline(self.pipe)
         self.denoiser = getattr(self.pipe, self.family.denoiser_attr)  # the original, also while dcaccel runs
+        self.model = self.family.denoiser(self.pipe)  # what is cut: the denoiser (with its ControlNets)
         self.scheduler_name = self._set_scheduler()
         self.loras = self._apply_loras()
         self.geometry = self.family.geometry(self.pipe)
@@ -168,9 +169,11 @@ class Bench:
     def _load_pipeline(self):
         a = self.args
         model = a.model if a.model is not None else (a.arch or "tiny")
+        if a.controlnets and model not in ARCHITECTURES:
+            raise ValueError("--controlnets builds random ControlNets for an embedded architecture (--arch)")
         if model in ARCHITECTURES:
-            pipe = build_pipeline(model, seed=0)
-            name, weights = model, "random weights"
+            pipe = build_pipeline(model, seed=0, controlnets=a.controlnets)
+            name, weights = model + (f"-controlnet{a.controlnets}" if a.controlnets else ""), "random weights"
         else:
             pipe = load_pipeline(model)
             name, weights = ((model, "trained weights shipped in dcaccel/weights") if model in TRAINED
@@ -203,7 +206,7 @@ class Bench:
         a = self.args
         intervals = int_items(a.interval, "--interval") if a.interval else list(SWEEP_INTERVALS if a.sweep else [3])
         schedules = a.schedule or list(BENCH_SCHEDULES if a.sweep else ["uniform"])
-        if self.family.name == "unet":
+        if self.family.name in ("unet", "controlnet"):
             if a.head_blocks or a.tail_blocks:
                 raise ValueError("--head-blocks/--tail-blocks cut a transformer; this model is a U-Net: use --branch")
             from ..families.unet import num_branches
@@ -216,6 +219,9 @@ class Bench:
             if bad:
                 raise ValueError(f"--branch {bad} out of range: this U-Net has branches 0..{n - 1}")
             cuts = [{"branch": b} for b in unique(branches)]
+            if self.family.name == "controlnet":
+                whole = {"cut": [True], "whole": [False], "both": [True, False]}[a.controlnet_cut]
+                cuts = [{**c, "cut_controlnet": w} for c in cuts for w in whole]
         else:
             if a.branch:
                 raise ValueError("--branch cuts a U-Net; this model is a transformer: use --head-blocks/--tail-blocks")
@@ -240,21 +246,34 @@ class Bench:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def _control_images(self) -> dict:
+        """Conditioning images for a ControlNet pipeline (noise, seeded: speed does not depend on them)."""
+        if self.family.name != "controlnet":
+            return {}
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(self.args.seed)
+        images = [Image.fromarray(rng.integers(0, 255, (self.height, self.width, 3), dtype=np.uint8))
+                  for _ in range(self.args.controlnets)]
+        return {"image": images if len(images) > 1 else images[0]}
+
     def _call(self, steps: int):
         a = self.args
+        extra = self._control_images()
 
         def call():
             self._sync()
             out = self.pipe(prompt=a.prompt, height=self.height, width=self.width, num_inference_steps=steps,
                             guidance_scale=self.guidance, num_images_per_prompt=a.batch, output_type="latent",
-                            generator=torch.Generator().manual_seed(a.seed)).images
+                            generator=torch.Generator().manual_seed(a.seed), **extra).images
             self._sync()
             return out
 
         return call
 
     def _cut(self, config: DeepCacheConfig) -> dict:
-        return self.family.resolve_cut(self.denoiser, config)
+        return self.family.resolve_cut(self.model, config)
 
     def _build_config(self, backend: str, cut: dict) -> BuildConfig:
         return BuildConfig(height=self.height, width=self.width, batch_size=self.args.batch, cfg=self.cfg,
@@ -262,7 +281,7 @@ class Bench:
 
     def _deep_module(self, cut: dict) -> torch.nn.Module:
         """A module only a full step runs: the U-Net's mid block, a transformer's first middle block."""
-        if self.family.name == "unet":
+        if self.family.name != "mmdit":
             return self.denoiser.mid_block.resnets[0]
         return self.denoiser.transformer_blocks[cut["head_blocks"]]
 
@@ -485,7 +504,7 @@ class Bench:
         cut = self._cut(case.config if case.config is not None else NO_CACHE)
         key = tuple(sorted(cut.items()))
         if key not in self.flops:
-            self.flops[key] = graph_flops(self.family, self.denoiser, cut, self._build_config("eager", cut),
+            self.flops[key] = graph_flops(self.family, self.model, cut, self._build_config("eager", cut),
                                           self.geometry)
         fl = self.flops[key]
         r.update(flops_full=fl["full"], flops_shallow=fl["shallow"], flops_method=fl["method"],
@@ -517,6 +536,7 @@ class Bench:
             "cache": case.cache, "family": self.family.name,
             "interval": c.interval if cached else None,
             "branch": cut.get("branch"), "head_blocks": cut.get("head_blocks"), "tail_blocks": cut.get("tail_blocks"),
+            "cut_controlnet": cut.get("cut_controlnet"), "controlnets": a.controlnets,
             "schedule": c.schedule if cached else None,
             "model": self.model_name, "weights": self.weights, "height": self.height, "width": self.width,
             "batch": a.batch, "steps": steps, "guidance": self.guidance, "scheduler": self.scheduler_name,

@@ -12,6 +12,7 @@ import importlib
 from .base import Family
 
 FAMILIES = {
+    "controlnet": "dcaccel.families.controlnet",
     "unet": "dcaccel.families.unet",
     "mmdit": "dcaccel.families.mmdit",
 }

@@ -20,6 +20,14 @@ class Family:
     def matches(self, denoiser) -> bool:
         raise NotImplementedError
 
+    def denoiser(self, pipe):
+        """The model the graphs are cut from: the pipeline's denoiser (a family may join more models to it)."""
+        return getattr(pipe, self.denoiser_attr)
+
+    def attach_extras(self, pipe, wrapper):
+        """Whatever else the pipeline must do while DeepCache is enabled; returns the function that undoes it."""
+        return lambda: None
+
     def check(self, denoiser) -> None:
         """Raise a clear error if `denoiser` is a configuration this family does not split exactly."""
         raise NotImplementedError
@@ -42,9 +50,9 @@ class Family:
     def check_call(self, kwargs: dict) -> None:
         """Refuse, before anything runs, pipeline call arguments the graphs cannot honour."""
 
-    def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    def call_inputs(self, denoiser, args: tuple, kwargs: dict, wrapper=None) -> dict[str, torch.Tensor]:
         """The graph inputs of one denoiser call as the pipeline makes it; raises for arguments the graphs cannot
-        honour."""
+        honour. `wrapper` is the step loop (for what other calls of the step handed over)."""
         raise NotImplementedError
 
     def output(self, noise: torch.Tensor, return_dict: bool):

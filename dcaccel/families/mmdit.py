@@ -222,7 +222,7 @@ class MMDiTFamily(Family):
             raise ValueError(f"joint_attention_kwargs {sorted(kwargs['joint_attention_kwargs'])} are not supported: "
                              "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
 
-    def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    def call_inputs(self, denoiser, args: tuple, kwargs: dict, wrapper=None) -> dict[str, torch.Tensor]:
         names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")
         kwargs = dict(kwargs)
         if len(args) > len(names):

@@ -250,11 +250,17 @@ class FullUNet(nn.Module):
         self.head = _Head(unet)
         self.num_upsamplers = unet.num_upsamplers
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
+                down_residuals=None, mid_residual=None):
+        """down_residuals/mid_residual: a ControlNet's, added where UNet2DConditionModel adds them."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
         emb, h = self.stem(sample, timestep, text_embeds, time_ids)
         h, res = self.down(h, emb, encoder_hidden_states)
+        if down_residuals is not None:
+            res = [r + d for r, d in zip(res, down_residuals)]
         h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        if mid_residual is not None:
+            h = h + mid_residual
         feature = self.deep_up(h, emb, res, encoder_hidden_states, forward_size)
         h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
         return self.head(h), feature
@@ -277,16 +283,26 @@ class ShallowUNet(nn.Module):
         self.num_upsamplers = unet.num_upsamplers
 
     @property
+    def num_residuals(self) -> int:
+        """How many skip connections (from the input side) the shallow branch reads."""
+        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down.blocks) + len(self.down.resnets)
+
+    @property
     def uses_encoder_hidden_states(self) -> bool:
         """False when no cross-attention runs on the shallow branch (e.g. SDXL branches 0-2)."""
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
         return any(isinstance(m, Transformer2DModel) for m in self.modules())
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None,
+                down_residuals=None):
+        """down_residuals: the first `num_residuals` of a ControlNet's down residuals (the others feed cached
+        modules)."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
         emb, h = self.stem(sample, timestep, text_embeds, time_ids)
         _, res = self.down(h, emb, encoder_hidden_states)
+        if down_residuals is not None:
+            res = [r + d for r, d in zip(res, down_residuals)]
         h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
         return self.head(h)
 
@@ -400,7 +416,7 @@ class UNetFamily(Family):
             raise ValueError(f"cross_attention_kwargs {sorted(kwargs['cross_attention_kwargs'])} are not supported: "
                              "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
 
-    def call_inputs(self, denoiser, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+    def call_inputs(self, denoiser, args: tuple, kwargs: dict, wrapper=None) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
         names = ("sample", "timestep", "encoder_hidden_states")
         if len(args) > len(names):
