@@ -1,7 +1,8 @@
-"""`dcaccel generate | build | bench`: the command line.
+"""`dcaccel generate | build | serve | bench`: the command line.
 
 generate  one image with DeepCache (optionally against the plain pipeline: --baseline)
 build     the full and shallow graphs of a model, offline, into engines/<model>/<key>/ (also build_scripts/build.py)
+serve     an HTTP server on Ray Serve: batched requests into the built engines
 bench     the benchmark matrix and sweep (see benchmarks/README.md)
 
 A model is a local diffusers pipeline directory, the embedded trained `shapes` model (the default: a small
@@ -89,6 +90,10 @@ def _parser() -> argparse.ArgumentParser:
     bld = sub.add_parser("build", help="build engines offline", description=build.__doc__)
     add_build_arguments(bld)
     bld.set_defaults(func=build)
+
+    srv = sub.add_parser("serve", help="serve a model over HTTP on Ray Serve", description=serve.__doc__)
+    add_serve_arguments(srv)
+    srv.set_defaults(func=serve)
 
     bench = sub.add_parser("bench", help="benchmark backends x DeepCache settings; sweep for a recommendation")
     try:
@@ -474,6 +479,70 @@ def build(args) -> int:
         reached = {k: f"max |diff| {v['max_abs']:.2e}" for k, v in info["tolerance"]["reached"].items()}
         print(f"  {graph}: {', '.join(info['files'].values()) or '(in-process cache)'}; against eager: {reached}")
     return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"shapes, a local pipeline directory or an embedded "
+                                                          f"architecture (default {DEFAULT_MODEL})")
+    p.add_argument("--backend", default="eager", help="eager, torch_compile, onnxruntime or tensorrt")
+    p.add_argument("--engine-dir", action="append", default=[],
+                   help="built engines (one per resolution, repeatable; built for --batch = --max-batch); without "
+                        "one a static backend builds for the model's default size at start-up")
+    p.add_argument("--interval", type=int, default=3, help="DeepCache interval (default 3)")
+    add_cut_arguments(p)
+    p.add_argument("--no-cache", action="store_true", help="serve without DeepCache")
+    p.add_argument("--replicas", type=int, default=1, help="generator replicas (default 1)")
+    p.add_argument("--max-batch", type=int, default=4, help="requests grouped into one pipeline call (default 4)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits to fill (default 20 ms; 0 with --max-batch 1 means no batching)")
+    p.add_argument("--max-queued", type=int, default=32,
+                   help="requests queued per replica beyond those running; more get 503 (default 32)")
+    p.add_argument("--deadline-s", type=float, default=120.0,
+                   help="a request still running after this is cancelled and answered 504 (default 120)")
+    p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--metrics-port", type=int, help="Prometheus metrics port of the local Ray (default: random)")
+    p.add_argument("--emit-config", metavar="PATH",
+                   help="write a Serve config file for `serve deploy` with these settings and exit")
+    p.add_argument("--min-replicas", type=int, help="--emit-config: autoscale from this many replicas")
+    p.add_argument("--max-replicas", type=int, help="--emit-config: autoscale up to this many replicas")
+
+
+def serve(args) -> int:
+    """Serve a dcaccel pipeline over HTTP on Ray Serve: POST /v1/generate (JSON in, PNG out), GET /v1/models,
+    GET /healthz. Starts a local Ray (or joins --address), loads the model on every replica, serves until
+    Ctrl-C, then drains and exits 0."""
+    from .serve.model import ServeSettings
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    settings = ServeSettings(model=args.model, backend=args.backend, engine_dirs=args.engine_dir,
+                             interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
+                             tail_blocks=args.tail_blocks, no_cache=args.no_cache, replicas=args.replicas,
+                             max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queued=args.max_queued,
+                             deadline_s=args.deadline_s, threads=args.threads,
+                             cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                             device=args.device, dtype=args.dtype)
+    from .config import DeepCacheConfig
+
+    DeepCacheConfig(interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
+                    tail_blocks=args.tail_blocks)  # the settings' errors before Ray starts
+    try:
+        from .serve import server
+    except ImportError as e:
+        raise ImportError(f"dcaccel serve needs Ray Serve ({e}): pip install 'dcaccel[serve]'") from e
+    if args.emit_config:
+        path = server.write_config(args.emit_config, server.serve_config(settings, args.host, args.port,
+                                                                       args.min_replicas, args.max_replicas))
+        print(f"wrote {path}: deploy it with `serve deploy {path}` on a Ray cluster started from this environment")
+        return 0
+    return server.serve_forever(settings, args.host, args.port, args.address, args.metrics_port)
 
 
 if __name__ == "__main__":

@@ -10,5 +10,5 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev,onnx,lora,bench]"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev,onnx,lora,bench,serve]"
 echo "dcaccel set up in $(pwd)/.venv"

@@ -1,0 +1,215 @@
+"""The Ray Serve application: an HTTP ingress and N generator replicas.
+
+    Ingress    (no CPU reserved) GET /healthz, GET /v1/models, POST /v1/generate: checks requests (400),
+               answers overload with 503 + Retry-After, applies the deadline (504, the replica's work cancelled)
+    Generator  (N replicas) loads the pipeline and its engines once; requests with the same height, width,
+               steps and guidance are grouped by Ray Serve's batching (one queue per group) into one pipeline
+               call of up to max_batch images, one forward at a time per replica
+
+`build_app(args)` is the import path of the Serve config file (`dcaccel serve --emit-config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.metrics import Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .model import ServeSettings
+from .request import Limits, RequestError, parse_request
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "dcaccel"
+GENERATOR = "Generator"
+LATENCY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
+
+
+@serve.deployment(name=GENERATOR, ray_actor_options={"num_cpus": 1}, max_constructor_retry_count=3)
+class Generator:
+    def __init__(self, settings: dict):
+        from .model import ModelServer
+
+        self.server = ModelServer(ServeSettings(**settings))
+        self.settings = self.server.settings
+        self.lock = asyncio.Lock()  # one pipeline call at a time per replica
+        self.batchers = {}
+        self.batch_size = Histogram("dcaccel_batch_size", description="images per pipeline call",
+                                    boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32])
+        self.queue_s = Histogram("dcaccel_queue_seconds", description="time from the ingress to the pipeline call",
+                                 boundaries=LATENCY_BOUNDS)
+        self.denoiser_s = Histogram("dcaccel_denoiser_seconds", description="denoiser loop time per pipeline call",
+                                    boundaries=LATENCY_BOUNDS)
+        self.steps = Counter("dcaccel_denoiser_steps", description="denoiser evaluations by graph",
+                             tag_keys=("graph",))
+
+    def check_health(self):
+        if self.server is None:
+            raise RuntimeError("no model loaded")
+
+    def limits(self) -> dict:
+        return self.server.limits().__dict__
+
+    def describe(self) -> dict:
+        return {**self.server.describe(), "replica_pid": os.getpid(), "load_seconds": self.server.load_seconds}
+
+    def _batcher(self, key):
+        batcher = self.batchers.get(key)
+        if batcher is None:
+            async def run(params: list[dict]) -> list[dict]:
+                async with self.lock:
+                    start = time.time()
+                    try:
+                        results = await asyncio.to_thread(self.server.generate, params)
+                    except Exception as e:  # nothing a batch does may take the replica down
+                        logger.exception("pipeline call failed")
+                        return [{"error": f"{type(e).__name__}: {e}", "status": 500}] * len(params)
+                self.batch_size.observe(len(params))
+                self.denoiser_s.observe(results[0]["denoiser_s"])
+                self.steps.inc(results[0]["full_steps"], tags={"graph": "full"})
+                self.steps.inc(results[0]["shallow_steps"], tags={"graph": "shallow"})
+                for p, r in zip(params, results):
+                    r["queue_s"] = start - p["received"]
+                    self.queue_s.observe(r["queue_s"])
+                return results
+
+            run.__name__ = f"generate_{key[0]}x{key[1]}_{key[2]}steps"
+            batcher = serve.batch(max_batch_size=self.settings.max_batch,
+                                  batch_wait_timeout_s=self.settings.batch_wait_ms / 1000)(run)
+            self.batchers[key] = batcher
+        return batcher
+
+    async def generate(self, params: dict) -> dict:
+        try:
+            reason = self.server.check_prompt(params)
+        except Exception as e:
+            return {"error": f"{type(e).__name__}: {e}", "status": 500}
+        if reason:
+            return {"error": reason, "status": 400}
+        key = (params["height"], params["width"], params["steps"], params["guidance"])
+        return await self._batcher(key)(params)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
+                  max_queued_requests=256, backpressure_config={"status_code": 503, "retry_after_s": 1})
+class Ingress:
+    def __init__(self, generator, settings: dict, app_name: str = APP_NAME):
+        self.generator, self.app_name = generator, app_name
+        self.settings = ServeSettings(**settings)
+        self.limits: Limits | None = None
+        self.limits_lock = asyncio.Lock()
+        self.requests = Counter("dcaccel_requests", description="HTTP requests by route and status",
+                                tag_keys=("route", "status"))
+        self.latency = Histogram("dcaccel_request_seconds", description="request latency (POST /v1/generate, 200)",
+                                 boundaries=LATENCY_BOUNDS)
+
+    def _json(self, route: str, status: int, body: dict, headers: dict | None = None) -> JSONResponse:
+        self.requests.inc(tags={"route": route, "status": str(status)})
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.scope["path"][len(request.scope.get("root_path", "")):] or "/"
+        try:
+            if path == "/healthz" and request.method == "GET":
+                return await self._health()
+            if path == "/v1/models" and request.method == "GET":
+                return await self._models()
+            if path == "/v1/generate" and request.method == "POST":
+                return await self._generate(request)
+            if path in ("/healthz", "/v1/models", "/v1/generate"):
+                return self._json(path, 405, {"error": f"method {request.method} is not allowed on {path}"})
+            return self._json("other", 404, {"error": f"no route {path}; routes: GET /healthz, GET /v1/models, "
+                                                      "POST /v1/generate"})
+        except BackPressureError:  # any call to the generator (limits, describe, generate) may be refused
+            return self._overloaded(path)
+        except Exception as e:  # an answer, never a dead ingress
+            logger.exception("ingress error")
+            return self._json(path, 500, {"error": f"{type(e).__name__}: {e}"})
+
+    def _overloaded(self, route: str) -> JSONResponse:
+        return self._json(route, 503, {"error": "the server is overloaded; retry later"}, {"Retry-After": "1"})
+
+    async def _ready(self) -> tuple[bool, dict]:
+        from ray.serve.schema import DeploymentStatus
+
+        status = await asyncio.to_thread(serve.status)
+        app = status.applications.get(self.app_name)
+        dep = app.deployments.get(GENERATOR) if app else None
+        replicas = {str(k): v for k, v in dict(dep.replica_states).items()} if dep else {}
+        return dep is not None and dep.status == DeploymentStatus.HEALTHY, replicas
+
+    async def _health(self) -> Response:
+        ready, replicas = await self._ready()
+        if not ready:
+            return self._json("/healthz", 503, {"status": "loading", "replicas": replicas}, {"Retry-After": "1"})
+        return self._json("/healthz", 200, {"status": "ok", "replicas": replicas})
+
+    async def _limits(self) -> Limits:
+        async with self.limits_lock:  # fetched once, by the first request
+            if self.limits is None:
+                self.limits = Limits(**(await self.generator.limits.remote()))
+        return self.limits
+
+    async def _models(self) -> Response:
+        ready, _ = await self._ready()
+        if not ready:
+            return self._json("/v1/models", 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+        info = await self.generator.describe.remote()
+        return self._json("/v1/models", 200, {"models": [info], "replicas": self.settings.replicas})
+
+    async def _generate(self, request: Request) -> Response:
+        received = time.time()
+        ready, _ = await self._ready()
+        if not ready:
+            return self._json("/v1/generate", 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+        limits = await self._limits()
+        try:
+            req = parse_request(await request.body(), limits)
+        except RequestError as e:
+            return self._json("/v1/generate", 400, {"error": str(e)})
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
+        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
+                  "steps": req.steps or limits.default_steps,
+                  "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
+                  "height": req.height, "width": req.width, "received": received}
+        response = self.generator.generate.remote(params)  # a full queue: BackPressureError, answered 503
+        try:
+            result = await asyncio.wait_for(response, self.settings.deadline_s)
+        except asyncio.TimeoutError:
+            response.cancel()  # wait_for alone would leave the replica working on it
+            return self._json("/v1/generate", 504, {"error": f"the request ran past its deadline of "
+                                                             f"{self.settings.deadline_s:g} s and was cancelled"})
+        if "error" in result:
+            return self._json("/v1/generate", result["status"], {"error": result["error"]})
+        total = time.time() - received
+        self.latency.observe(total)
+        self.requests.inc(tags={"route": "/v1/generate", "status": "200"})
+        headers = {"X-Seed": str(seed), "X-Server-Seconds": f"{total:.4f}", "X-Queue-Seconds": f"{result['queue_s']:.4f}",
+                   "X-Pipeline-Seconds": f"{result['pipeline_s']:.4f}",
+                   "X-Denoiser-Seconds": f"{result['denoiser_s']:.4f}", "X-Batch-Size": str(result["batch_size"]),
+                   "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow"}
+        return Response(result["png"], media_type="image/png", headers=headers)
+
+
+def build_app(args: dict):
+    """The application for `settings` (a ServeSettings as a dict): what `dcaccel serve` runs and what the Serve
+    config file's import_path names."""
+    settings = ServeSettings(**args)
+    generator = Generator.options(
+        num_replicas=settings.replicas, max_ongoing_requests=max(settings.max_batch * 2, 4),
+        max_queued_requests=settings.max_queued,
+        ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica},
+    ).bind(settings.to_dict())
+    return Ingress.bind(generator, settings.to_dict())
+
+
+def settings_json(settings: ServeSettings) -> str:
+    return json.dumps(settings.to_dict(), sort_keys=True)

@@ -1,0 +1,260 @@
+"""`dcaccel serve` on a local Ray (CPU): health, models, images equal to `dcaccel generate`, batching, every bad
+request, overload (503), deadline (504), a replica that keeps serving, metrics, the config file, Ctrl-C."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+ray = pytest.importorskip("ray")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from dcaccel.serve.model import ServeSettings  # noqa: E402
+
+PROMPT = "a large red circle at the top left"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _request(url, body=None, method=None, timeout=120):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.headers, r.read()  # case-insensitive
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray import serve
+
+    http_port, metrics_port = _free_port(), _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024 ** 2, logging_level="WARNING",
+             log_to_driver=False, _metrics_export_port=metrics_port)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                logging_config={"log_level": "WARNING", "enable_access_log": False})
+    yield {"url": f"http://127.0.0.1:{http_port}", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _deploy(cluster, **settings):
+    from ray import serve
+
+    from dcaccel.serve.app import APP_NAME, build_app
+
+    serve.delete(APP_NAME)
+    defaults = dict(model="shapes", threads=1, cpus_per_replica=1.0)
+    serve.run(build_app(ServeSettings(**{**defaults, **settings}).to_dict()), name=APP_NAME, route_prefix="/")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        status, _, _ = _request(cluster["url"] + "/healthz", timeout=30)
+        if status == 200:
+            return cluster["url"]
+        time.sleep(0.5)
+    raise AssertionError("the app did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def batched(cluster):
+    return _deploy(cluster, max_batch=4, batch_wait_ms=300, max_queued=8)
+
+
+def _generate_png(tmp_path, seed, steps=20, extra=()):
+    """What `dcaccel generate` writes for the same model, settings and seed (in its own process, with the
+    replica's one thread)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / f"cli-{seed}-{steps}.png"
+    result = subprocess.run([sys.executable, "-m", "dcaccel.cli", "generate", PROMPT, "--seed", str(seed), "--steps",
+                             str(steps), "--threads", "1", "--output", str(out), *extra], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return out.read_bytes()
+
+
+def test_health_and_models(batched):
+    status, _, body = _request(batched + "/healthz")
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, _, body = _request(batched + "/v1/models")
+    info = json.loads(body)["models"][0]
+    assert status == 200 and info["model"] == "shapes" and info["family"] == "unet" and info["backend"] == "eager"
+    assert info["deepcache"] == {"interval": 3} and info["max_batch"] == 4
+    assert info["defaults"] == {"height": 32, "width": 32, "steps": 20, "guidance": 4.0}
+
+
+def test_a_lone_request_equals_dcaccel_generate(batched, tmp_path):
+    status, headers, png = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 7})
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert headers["X-Seed"] == "7" and headers["X-Batch-Size"] == "1"
+    assert headers["X-Steps"] == "7 full, 13 shallow"
+    assert float(headers["X-Server-Seconds"]) >= float(headers["X-Pipeline-Seconds"]) > 0
+    assert png == _generate_png(tmp_path, 7)
+
+
+def test_batched_requests_keep_their_seeds(batched):
+    """Four at once: one pipeline call of 4, each image that request's own (same as it alone, within the
+    tolerance batched arithmetic leaves: measured max |diff| <= 2 of 255 here)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    seeds = [11, 12, 13, 14]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda s: _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": s}), seeds))
+    assert all(r[0] == 200 for r in results)
+    assert max(int(r[1]["X-Batch-Size"]) for r in results) > 1, "requests were batched"
+    for seed, (_, headers, png) in zip(seeds, results):
+        assert headers["X-Seed"] == str(seed)
+        _, _, alone = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": seed})
+        a = np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(alone)), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2, (seed, np.abs(a - b).max())
+    assert len({r[2] for r in results}) == 4
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"{not json", "not JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    ({"prompt": PROMPT, "sed": 1}, "unknown field(s) ['sed']"),
+    ({"seed": 1}, "field 'prompt' is required"),
+    ({"prompt": ""}, "field 'prompt' must be a non-empty string, got an empty one"),
+    ({"prompt": 3}, "field 'prompt' must be a non-empty string, got int"),
+    ({"prompt": "a " * 100}, "field 'prompt' is 102 tokens long; this model reads at most 16"),
+    ({"prompt": "x" * 2001}, "at most 2000"),
+    ({"prompt": PROMPT, "steps": 0}, "field 'steps' must be an integer in 1..200, got 0"),
+    ({"prompt": PROMPT, "steps": "20"}, "field 'steps' must be an integer in 1..200, got \"20\""),
+    ({"prompt": PROMPT, "steps": 2.5}, "field 'steps' must be an integer"),
+    ({"prompt": PROMPT, "seed": -1}, "field 'seed' must be an integer in 0.."),
+    ({"prompt": PROMPT, "guidance": "high"}, "field 'guidance' must be a number in 0..50"),
+    ({"prompt": PROMPT, "height": 36}, "fields 'height'/'width' must be multiples of 8"),
+    ({"prompt": PROMPT, "width": 100000}, "field 'width' must be an integer in 8..2048"),
+])
+def test_bad_requests_get_400_naming_the_field(batched, body, field):
+    status, headers, raw = _request(batched + "/v1/generate", body)
+    assert status == 400, raw
+    assert field in json.loads(raw)["error"]
+    assert headers["Content-Type"] == "application/json"
+
+
+def test_the_replica_keeps_serving_after_bad_requests(batched):
+    for body in (b"\xff\xfe", b'{"prompt": null}', b'{"prompt": "a", "negative_prompt": 5}'):
+        assert _request(batched + "/v1/generate", body)[0] == 400
+    assert _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 3, "steps": 4})[0] == 200
+    assert _request(batched + "/nowhere")[0] == 404
+    assert _request(batched + "/v1/generate", method="GET")[0] == 405
+
+
+@pytest.mark.slow
+def test_overload_answers_503_and_loses_nothing_below_it(cluster):
+    url = _deploy(cluster, max_batch=1, batch_wait_ms=0, max_queued=2)
+    body = {"prompt": PROMPT, "steps": 60}
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda i: _request(url + "/v1/generate", {**body, "seed": i}), range(12)))
+    codes = [r[0] for r in results]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 3, [(r[0], r[2][:300]) for r in results if r[0] != 200]
+    assert all(r[1].get("Retry-After") == "1" for r in results if r[0] == 503)
+    # below the limit, nothing is lost
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        assert [r[0] for r in pool.map(lambda i: _request(url + "/v1/generate", {**body, "seed": i}), range(3))] \
+            == [200] * 3
+
+
+@pytest.mark.slow
+def test_deadline_answers_504_and_the_replica_goes_on(cluster):
+    url = _deploy(cluster, max_batch=1, batch_wait_ms=0, deadline_s=1.0)
+    start = time.time()
+    status, _, raw = _request(url + "/v1/generate", {"prompt": PROMPT, "steps": 200})
+    assert status == 504 and "deadline of 1 s" in json.loads(raw)["error"] and time.time() - start < 10
+    assert _request(url + "/v1/generate", {"prompt": PROMPT, "steps": 2})[0] == 200
+
+
+@pytest.mark.slow
+def test_metrics_on_rays_prometheus_endpoint(batched, cluster):
+    _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 1})
+    wanted = ("ray_dcaccel_requests_total", "ray_dcaccel_request_seconds_bucket", "ray_dcaccel_batch_size_bucket",
+              "ray_dcaccel_queue_seconds_bucket", "ray_dcaccel_denoiser_seconds_bucket",
+              'ray_dcaccel_denoiser_steps_total{')
+    deadline = time.time() + 60
+    text = ""
+    while time.time() < deadline:
+        _, _, raw = _request(cluster["metrics"])
+        text = raw.decode()
+        if all(w in text for w in wanted) and 'graph="shallow"' in text:
+            return
+        time.sleep(2)
+    raise AssertionError([w for w in wanted if w not in text])
+
+
+def test_config_file_is_what_serve_deploy_accepts(tmp_path):
+    import yaml
+
+    from dcaccel.cli import main
+    from dcaccel.serve.server import validate_config
+
+    path = tmp_path / "serve.yaml"
+    assert main(["serve", "--emit-config", str(path), "--replicas", "2", "--gpus-per-replica", "1",
+                 "--min-replicas", "1", "--max-replicas", "8", "--backend", "eager"]) == 0
+    config = yaml.safe_load(path.read_text())
+    validate_config(config)
+    app = config["applications"][0]
+    assert app["import_path"] == "dcaccel.serve.app:build_app" and app["args"]["model"] == "shapes"
+    generator = next(d for d in app["deployments"] if d["name"] == "Generator")
+    assert generator["ray_actor_options"]["num_gpus"] == 1
+    assert generator["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 4}
+    config["applications"][0]["deployments"][0]["num_replica"] = 2  # a typo Ray Serve would silently ignore
+    with pytest.raises(ValueError, match=r"unknown keys \['num_replica'\]"):
+        validate_config(config)
+
+
+def test_bad_serve_arguments(capsys):
+    from dcaccel.cli import main
+
+    assert main(["serve", "--max-batch", "0"]) == 2
+    assert "max_batch must be an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", "--interval", "0"]) == 2
+    assert "interval must be an integer >= 1" in capsys.readouterr().err
+    assert main(["serve", "--engine-dir", "x"]) == 2
+    assert "engine_dirs need an engine backend" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ctrl_c_drains_and_exits_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "dcaccel.cli", "serve", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(line.startswith("serving") for line in lines):
+        assert proc.poll() is None, lines
+        time.sleep(0.5)
+    url = f"http://127.0.0.1:{port}"
+    assert _request(url + "/healthz")[0] == 200
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(_request, url + "/v1/generate", {"prompt": PROMPT, "steps": 40})
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        assert in_flight.result()[0] == 200, "the request in flight finished"
+    assert proc.wait(timeout=120) == 0, lines
+    assert any("draining" in line for line in lines) and lines[-1].strip() == "stopped"
