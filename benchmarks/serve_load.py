@@ -143,8 +143,9 @@ def main(argv=None) -> int:
                                  model=args.model, steps=args.steps, max_batch=args.max_batch if batching else 1,
                                  machine=machine, date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                         records.append(r)
-                        print(f"  {clients:>2} clients: {r['images_per_s']:.2f} images/s, p50 {r['p50_s']:.2f} s, "
-                              f"p99 {r['p99_s']:.2f} s, {r['failed']} failed", flush=True)
+                        f = (lambda v: "-" if v is None else f"{v:.2f}")
+                        print(f"  {clients:>2} clients: {f(r['images_per_s'])} images/s, p50 {f(r['p50_s'])} s, "
+                              f"p99 {f(r['p99_s'])} s, {r['failed']} failed {r['failed_codes'] or ''}", flush=True)
                         with open(out / "results.jsonl", "a") as f:
                             f.write(json.dumps(r) + "\n")
                 finally:

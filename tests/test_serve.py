@@ -258,3 +258,13 @@ def test_ctrl_c_drains_and_exits_0(tmp_path):
         assert in_flight.result()[0] == 200, "the request in flight finished"
     assert proc.wait(timeout=120) == 0, lines
     assert any("draining" in line for line in lines) and lines[-1].strip() == "stopped"
+
+
+def test_a_server_without_deepcache(cluster):
+    """--no-cache: every step full (0 shallow steps: this was a 500, as Ray's Counter refuses inc(0))."""
+    url = _deploy(cluster, no_cache=True, max_batch=2, batch_wait_ms=0, max_queued=4)
+    status, headers, body = _request(url + "/v1/generate", {"prompt": PROMPT, "seed": 3, "steps": 6})
+    assert status == 200, body
+    assert headers["X-Steps"] == "6 full, 0 shallow"
+    _, _, models = _request(url + "/v1/models")
+    assert json.loads(models)["models"][0]["deepcache"] == "off"

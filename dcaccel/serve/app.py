@@ -72,13 +72,12 @@ class Generator:
                     except Exception as e:  # nothing a batch does may take the replica down
                         logger.exception("pipeline call failed")
                         return [{"error": f"{type(e).__name__}: {e}", "status": 500}] * len(params)
-                self.batch_size.observe(len(params))
-                self.denoiser_s.observe(results[0]["denoiser_s"])
-                self.steps.inc(results[0]["full_steps"], tags={"graph": "full"})
-                self.steps.inc(results[0]["shallow_steps"], tags={"graph": "shallow"})
                 for p, r in zip(params, results):
                     r["queue_s"] = start - p["received"]
-                    self.queue_s.observe(r["queue_s"])
+                try:
+                    self._record(results)
+                except Exception:  # metrics never fail a request
+                    logger.exception("recording metrics failed")
                 return results
 
             run.__name__ = f"generate_{key[0]}x{key[1]}_{key[2]}steps"
@@ -86,6 +85,15 @@ class Generator:
                                   batch_wait_timeout_s=self.settings.batch_wait_ms / 1000)(run)
             self.batchers[key] = batcher
         return batcher
+
+    def _record(self, results: list[dict]) -> None:
+        self.batch_size.observe(len(results))
+        self.denoiser_s.observe(results[0]["denoiser_s"])
+        for graph in ("full", "shallow"):
+            if results[0][f"{graph}_steps"]:  # Counter.inc refuses 0
+                self.steps.inc(results[0][f"{graph}_steps"], tags={"graph": graph})
+        for r in results:
+            self.queue_s.observe(r["queue_s"])
 
     async def generate(self, params: dict) -> dict:
         try:
@@ -132,7 +140,9 @@ class Ingress:
             return self._overloaded(path)
         except Exception as e:  # an answer, never a dead ingress
             logger.exception("ingress error")
-            return self._json(path, 500, {"error": f"{type(e).__name__}: {e}"})
+            cause = getattr(e, "cause", None) or e  # a replica's exception arrives as RayTaskError(cause)
+            message = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
+            return self._json(path, 500, {"error": f"internal error: {type(cause).__name__}: {message}"})
 
     def _overloaded(self, route: str) -> JSONResponse:
         return self._json(route, 503, {"error": "the server is overloaded; retry later"}, {"Retry-After": "1"})
