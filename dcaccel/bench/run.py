@@ -114,6 +114,8 @@ class Bench:
         self.pipe, self.model_name, self.weights = self._load_pipeline()
         self.family = family_of_pipeline(self.pipe)
         self.denoiser = getattr(self.pipe, self.family.denoiser_attr)  # the original, also while dcaccel runs
+        # a ControlNet pipeline's own steps run the ControlNet, then the U-Net: both are the step's time
+        self._before = (self.pipe.controlnet,) if getattr(self.pipe, "controlnet", None) is not None else ()
         self.model = self.family.denoiser(self.pipe)  # what is cut: the denoiser (with its ControlNets)
         self.scheduler_name = self._set_scheduler()
         self.loras = self._apply_loras()
@@ -344,7 +346,7 @@ class Bench:
         """The pipeline with `case` in effect; yields (take_stats, build info)."""
         if case.kind == "baseline":
             cut = self._cut(NO_CACHE)
-            with HookTimer(self.denoiser, self._deep_module(cut), self._sync) as timer:
+            with HookTimer(self.denoiser, self._deep_module(cut), self._sync, self._before) as timer:
                 yield timer.take, {"build_note": "nothing to build"}
             return
         if case.kind == "reference":
@@ -369,7 +371,7 @@ class Bench:
             helper.set_params(cache_interval=c.interval, cache_branch_id=cut["branch"])
             helper.enable()
             try:
-                with HookTimer(self.denoiser, self._deep_module(cut), self._sync) as timer:
+                with HookTimer(self.denoiser, self._deep_module(cut), self._sync, self._before) as timer:
                     yield timer.take, {"build_note": "nothing to build"}
             finally:
                 helper.disable()
@@ -393,7 +395,7 @@ class Bench:
                 build = {"build_note": "transformer.compile() after cache_dit.enable_cache, compiled lazily during "
                                        "the untimed first call; every round makes one untimed call before its timed "
                                        "one, as cache-dit's hooks are installed again per round"}
-            with HookTimer(self.denoiser, self._deep_module(cut), self._sync) as timer:
+            with HookTimer(self.denoiser, self._deep_module(cut), self._sync, self._before) as timer:
                 def take():
                     stats = timer.take()
                     return _stats_from_mask(stats, mask) if compiled is not None else stats
@@ -502,6 +504,8 @@ class Bench:
             open_seconds=build.get("open_seconds"), build_note=build.get("build_note"),
         )
         cut = self._cut(case.config if case.config is not None else NO_CACHE)
+        if case.kind == "reference" and "cut_controlnet" in cut:
+            cut = {**cut, "cut_controlnet": False}  # DeepCacheSDHelper runs the whole ControlNet on every step
         key = tuple(sorted(cut.items()))
         if key not in self.flops:
             self.flops[key] = graph_flops(self.family, self.model, cut, self._build_config("eager", cut),
@@ -536,7 +540,8 @@ class Bench:
             "cache": case.cache, "family": self.family.name,
             "interval": c.interval if cached else None,
             "branch": cut.get("branch"), "head_blocks": cut.get("head_blocks"), "tail_blocks": cut.get("tail_blocks"),
-            "cut_controlnet": cut.get("cut_controlnet"), "controlnets": a.controlnets,
+            "cut_controlnet": cut.get("cut_controlnet") if case.kind != "reference" else (False if cut else None),
+            "controlnets": a.controlnets,
             "schedule": c.schedule if cached else None,
             "model": self.model_name, "weights": self.weights, "height": self.height, "width": self.width,
             "batch": a.batch, "steps": steps, "guidance": self.guidance, "scheduler": self.scheduler_name,

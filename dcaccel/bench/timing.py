@@ -15,16 +15,19 @@ from ..runtime import StepStats
 class HookTimer:
     """Times each evaluation of a pipeline's own denoiser (plain diffusers or a peer's hooks) into StepStats.
     An evaluation counts as full when `deep` (a module only a full step runs: the U-Net's mid block, the first
-    middle block of a transformer) ran."""
+    middle block of a transformer) ran. `before`: modules a step runs before the denoiser (a ControlNet
+    pipeline's ControlNet), timed as part of the step, as dcaccel's fused graphs include them."""
 
-    def __init__(self, denoiser, deep: torch.nn.Module, sync):
+    def __init__(self, denoiser, deep: torch.nn.Module, sync, before=()):
         self._denoiser, self._deep_module, self._sync = denoiser, deep, sync
+        self._before = list(before)
         self._handles = []
         self.reset()
 
     def reset(self):
         self.stats = StepStats()
         self._step = 0
+        self._start = None
 
     def take(self) -> StepStats:
         """The StepStats of the last call; starts counting afresh for the next."""
@@ -37,6 +40,7 @@ class HookTimer:
         self._handles = [self._denoiser.register_forward_pre_hook(self._pre),
                          self._denoiser.register_forward_hook(self._post),
                          self._deep_module.register_forward_hook(self._deep)]
+        self._handles += [m.register_forward_pre_hook(self._pre) for m in self._before]
         return self
 
     def __exit__(self, *exc):
@@ -46,6 +50,8 @@ class HookTimer:
         return False
 
     def _pre(self, module, args):
+        if self._start is not None:  # the step began with a module in `before`
+            return
         self._sync()
         self._deep_ran = False
         self._start = time.perf_counter()
@@ -56,6 +62,7 @@ class HookTimer:
     def _post(self, module, args, output):
         self._sync()
         elapsed = time.perf_counter() - self._start
+        self._start = None
         full = self._deep_ran
         (self.stats.full_steps if full else self.stats.shallow_steps).append(self._step)
         (self.stats.full_seconds if full else self.stats.shallow_seconds).append(elapsed)

@@ -46,6 +46,7 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
                                   output_names=spec.output_names, opset_version=max(opset, 18), dynamo=True,
                                   external_data=True, optimize=True)
         model = onnx.load(str(raw), load_external_data=True)
+        _keep_unused_inputs(model, spec)
         size = sum(init.ByteSize() for init in model.graph.initializer)
         if size > EXTERNAL_DATA_BYTES:
             data = path.name + ".data"
@@ -57,6 +58,26 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
             files = [path.name]
     logger.info("exported %s graph to %s (%.1f MB of weights)", spec.name, path, size / 1e6)
     return files
+
+
+def _keep_unused_inputs(model, spec: GraphSpec) -> None:
+    """The exporter drops inputs the graph never reads (a ControlNet cut at branch 0 reads no text, say); declare
+    them again, in the spec's order, so that every engine of a family takes the inputs its spec names."""
+    import onnx
+
+    present = {i.name: i for i in model.graph.input}
+    if all(t.name in present for t in spec.inputs):
+        return
+    inputs = []
+    for t in spec.inputs:
+        if t.name in present:
+            inputs.append(present[t.name])
+        else:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=t.torch_dtype).numpy().dtype)
+            inputs.append(onnx.helper.make_tensor_value_info(t.name, elem, list(t.shape)))
+    extra = [i for i in model.graph.input if i.name not in {t.name for t in spec.inputs}]  # initializers as inputs
+    del model.graph.input[:]
+    model.graph.input.extend(inputs + extra)
 
 
 def _device_of(module: torch.nn.Module):
