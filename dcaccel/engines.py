@@ -145,8 +145,9 @@ def engine_fields(family, denoiser, cut: dict, build: BuildConfig, geometry: dic
         "weights_hash": whash,
         "loras": loras,
         "build": {"height": build.height, "width": build.width, "batch_size": build.batch_size, "cfg": build.cfg,
-                  "dtype": build.dtype, "guess_mode": build.guess_mode, **cut, "backend": backend.NAME,
-                  "options": build_options},
+                  "dtype": build.dtype, **cut, "backend": backend.NAME, "options": build_options,
+                  # ControlNet engines only (older U-Net and SD3 engines have no such field)
+                  **({"guess_mode": build.guess_mode} if family.name == "controlnet" else {})},
         "geometry": geometry,
         "specs": specs_to_dict(specs),
         "versions": {pkg: versions.get(pkg) for pkg in backend.VERSIONS},

@@ -123,9 +123,10 @@ def _enabled_class(cls: type, attr: str) -> type:
         return comps
 
     def __setattr__(self, name, value):
-        if name == attr and enabled_state(self) is not None:
+        state = enabled_state(self)
+        if state is not None and (name == attr or (name == "controlnet" and state.family.name == "controlnet")):
             raise RuntimeError(f"DeepCache is enabled on this pipeline: dcaccel.disable(pipe) before replacing "
-                               f"pipe.{attr}, then enable it again")
+                               f"pipe.{name}, then enable it again")
         cls.__setattr__(self, name, value)
 
     _CLASSES[cls] = type(cls.__name__, (cls,), {

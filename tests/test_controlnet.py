@@ -173,6 +173,16 @@ def test_several_controlnets(cn_pipe, arch):
     cut, _ = _ours(pipe, DeepCacheConfig(interval=3, branch=1), **kw, **window)
     whole, _ = _ours(pipe, DeepCacheConfig(interval=3, branch=1, cut_controlnet=False), **kw, **window)
     torch.testing.assert_close(cut, whole, rtol=0, atol=0)
+    plain, _ = _ours(pipe, DeepCacheConfig(interval=1, branch=1), **kw, **window)
+    torch.testing.assert_close(plain, run(pipe, **kw, **window), rtol=0, atol=0)
+    assert not torch.equal(plain, base)  # the window changed the result, and the graphs followed it
+    # guess mode with several ControlNets (on SDXL too)
+    guess = run(pipe, guess_mode=True, **kw)
+    plain, _ = _ours(pipe, DeepCacheConfig(interval=1, branch=1), guess_mode=True, **kw)
+    torch.testing.assert_close(plain, guess, rtol=0, atol=0)
+    cut, _ = _ours(pipe, DeepCacheConfig(interval=3, branch=1), guess_mode=True, **kw)
+    whole, _ = _ours(pipe, DeepCacheConfig(interval=3, branch=1, cut_controlnet=False), guess_mode=True, **kw)
+    torch.testing.assert_close(cut, whole, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("task", ["img2img", "inpaint"])
@@ -197,6 +207,21 @@ def test_disable_gives_the_controlnet_back(cn_pipe):
     torch.testing.assert_close(run(pipe), base, rtol=0, atol=0)
 
 
+def test_pipelines_made_from_components_run_the_controlnet_itself(cn_pipe):
+    """pipe.components holds the original U-Net and the (shared) ControlNet: a pipeline made from them is a plain
+    ControlNet pipeline, also while the first is enabled; replacing the enabled pipeline's ControlNet is refused."""
+    pipe = cn_pipe("tiny")
+    base = run(pipe)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, branch=1))
+    try:
+        derived = type(pipe).__mro__[1](**pipe.components)
+        torch.testing.assert_close(run(derived), base, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="before replacing pipe.controlnet"):
+            pipe.controlnet = pipe.controlnet
+    finally:
+        dcaccel.disable(pipe)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 def test_controlnet_of_another_architecture_is_refused(cn_pipe):
@@ -218,8 +243,15 @@ def test_mismatched_control_image_is_refused_clearly(cn_pipe):
     dcaccel.enable(pipe, DeepCacheConfig(interval=2))
     cn = pipe.controlnet
     latents = torch.randn(2, 4, 16, 16)
-    with pytest.raises(ValueError, match=r"control image 0 is \(24, 24\) pixels; .*needs \(32, 32\)"):
-        cn(latents, torch.tensor(1), encoder_hidden_states=torch.randn(2, 77, 32), controlnet_cond=torch.rand(2, 3, 24, 24))
+    # diffusers' pipelines resize control images to the call's size; a custom step loop calling the ControlNet
+    # inside the enabled pipeline's call (emulated by begin_call) can hand it another size
+    pipe.unet.begin_call()
+    try:
+        with pytest.raises(ValueError, match=r"control image 0 is \(24, 24\) pixels; .*needs \(32, 32\)"):
+            cn(latents, torch.tensor(1), encoder_hidden_states=torch.randn(2, 77, 32),
+               controlnet_cond=torch.rand(2, 3, 24, 24))
+    finally:
+        pipe.unet.end_call()
 
 
 # -- engines -----------------------------------------------------------------------------------------------------
@@ -260,23 +292,41 @@ def test_onnxruntime_engine_equals_eager(cn_pipe, cn_engine):
         dcaccel.enable(other, DeepCacheConfig(interval=3, branch=1), backend="onnxruntime", engine_dir=cn_engine)
 
 
-@pytest.mark.slow
-def test_torch_compile_engine_equals_eager(cn_pipe, tmp_path):
-    """The fused ControlNet + U-Net graphs through torch.compile (built, then loaded from the directory)."""
+
+def _built_engine_equals_eager(cn_pipe, tmp_path, backend: str, branch: int):
+    """Build the tiny ControlNet pipeline's engine in a directory, load it, compare a pipeline call with eager."""
     from dcaccel.config import BuildConfig
     from dcaccel.engines import build_engines
 
     pipe = cn_pipe("tiny")
-    config = DeepCacheConfig(interval=3, branch=2)
+    config = DeepCacheConfig(interval=3, branch=branch)
     eager, _ = _ours(pipe, config)
-    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, branch=2, backend="torch_compile"),
+    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, branch=branch, backend=backend),
                                  out_dir=tmp_path, model_name="tiny-cn")
-    dcaccel.enable(pipe, config, backend="torch_compile", engine_dir=directory)
+    dcaccel.enable(pipe, config, backend=backend, engine_dir=directory)
     try:
         got = run(pipe)
     finally:
         dcaccel.disable(pipe)
     torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-3)
+    return directory
+
+
+def test_onnxruntime_engine_of_a_controlnet_cut_that_reads_no_text(cn_pipe, tmp_path):
+    """Cut at branch 0, the shallow ControlNet reads no text: the exporter drops that input, the export declares
+    it again so that the engine takes the inputs its spec names (this engine once failed to load)."""
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    directory = _built_engine_equals_eager(cn_pipe, tmp_path, "onnxruntime", branch=0)
+    names = [i.name for i in onnx.load(str(directory / "shallow.onnx"), load_external_data=False).graph.input]
+    assert "control_encoder_hidden_states" in names
+
+
+@pytest.mark.slow
+def test_torch_compile_engine_equals_eager(cn_pipe, tmp_path):
+    """The fused ControlNet + U-Net graphs through torch.compile (built, then loaded from the directory)."""
+    _built_engine_equals_eager(cn_pipe, tmp_path, "torch_compile", branch=2)
 
 
 @pytest.mark.gpu

@@ -143,7 +143,9 @@ def test_batched_requests_keep_their_seeds(batched):
     ({"prompt": PROMPT, "seed": -1}, "field 'seed' must be an integer in 0.."),
     ({"prompt": PROMPT, "guidance": "high"}, "field 'guidance' must be a number in 0..50"),
     ({"prompt": PROMPT, "height": 36}, "fields 'height'/'width' must be multiples of 8"),
-    ({"prompt": PROMPT, "width": 100000}, "field 'width' must be an integer in 8..2048"),
+    ({"prompt": PROMPT, "width": 100000}, "field 'width' must be an integer in 8..64"),  # 2x the model's size
+    (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
+    ({"prompt": "x" * 70000}, "at most 65536 are allowed"),
 ])
 def test_bad_requests_get_400_naming_the_field(batched, body, field):
     status, headers, raw = _request(batched + "/v1/generate", body)
@@ -216,6 +218,7 @@ def test_config_file_is_what_serve_deploy_accepts(tmp_path):
     assert app["import_path"] == "dcaccel.serve.app:build_app" and app["args"]["model"] == "shapes"
     generator = next(d for d in app["deployments"] if d["name"] == "Generator")
     assert generator["ray_actor_options"]["num_gpus"] == 1
+    assert all(d["graceful_shutdown_timeout_s"] >= 120 for d in app["deployments"])  # a drain outlasts the deadline
     assert generator["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 4}
     config["applications"][0]["deployments"][0]["num_replica"] = 2  # a typo Ray Serve would silently ignore
     with pytest.raises(ValueError, match=r"unknown keys \['num_replica'\]"):
@@ -268,3 +271,41 @@ def test_a_server_without_deepcache(cluster):
     assert headers["X-Steps"] == "6 full, 0 shallow"
     _, _, models = _request(url + "/v1/models")
     assert json.loads(models)["models"][0]["deepcache"] == "off"
+
+
+
+def test_wrong_method_gets_405_with_allow(batched):
+    status, headers, body = _request(batched + "/v1/generate", method="GET")
+    assert status == 405 and headers["Allow"] == "POST" and "use POST" in json.loads(body)["error"]
+
+
+def test_static_engine_server_pads_batches_and_takes_its_defaults_from_the_engine(tmp_path):
+    """A replica on an ONNX Runtime engine built for 2 images without guidance (no Ray needed): a request that
+    names no guidance gets 1 (what the engine runs), a lone request is padded to the engine's batch and keeps its
+    own image, a guidance the engine cannot run is refused naming the field."""
+    pytest.importorskip("onnxruntime")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+    from dcaccel.models import load_pipeline
+    from dcaccel.serve.model import ModelServer
+
+    directory, _ = build_engines(load_pipeline("shapes"), BuildConfig(height=32, width=32, batch_size=2, cfg=False,
+                                                                        branch=0, backend="onnxruntime"),
+                                 out_dir=tmp_path, model_name="shapes")
+    server = ModelServer(ServeSettings(model="shapes", backend="onnxruntime", engine_dirs=[str(directory)],
+                                       max_batch=2, threads=2))
+    limits = server.limits()
+    assert limits.default_guidance == 1.0 and limits.sizes == ((32, 32),)
+    params = lambda seed: dict(prompt=PROMPT, seed=seed, steps=6, guidance=1.0, height=32, width=32)  # noqa: E731
+    alone = server.generate([params(5)])
+    assert len(alone) == 1 and alone[0]["padded_to"] == 2 and alone[0]["batch_size"] == 1
+    pair = server.generate([params(5), params(6)])
+    a, b = (np.asarray(Image.open(io.BytesIO(r["png"])), dtype=np.int16) for r in (alone[0], pair[0]))
+    assert np.abs(a - b).max() <= 2
+    assert pair[0]["png"] != pair[1]["png"]
+    assert "guidance" in server.check_prompt({**params(1), "guidance": 4.0})

@@ -123,6 +123,10 @@ def check_static_shapes(expected: dict[str, tuple[int, ...]], inputs: dict[str, 
         raise ValueError(
             f"{what} has static shapes and cannot run this call ({'; '.join(diffs)}). Build or enable it for the "
             "call's height, width and batch (batch = images x 2 with classifier-free guidance)."
+            + (" The ControlNet inputs differ: with guidance, guess mode (guess_mode=True, or a ControlNet with "
+               "global_pool_conditions, which diffusers runs in guess mode) gives the ControlNets half the batch; "
+               "such calls need an engine built with BuildConfig(guess_mode=True)."
+               if any(d.startswith("control_") for d in diffs) else "")
         )
 
 

@@ -22,6 +22,8 @@ keep factor: so guess mode and control_guidance_start/end change values, not gra
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -298,6 +300,12 @@ class ControlNetFamily(Family):
 
         def forward(self, sample, timestep, encoder_hidden_states=None, controlnet_cond=None,
                     conditioning_scale=1.0, guess_mode=False, added_cond_kwargs=None, return_dict=True, **kwargs):
+            if wrapper._detached or wrapper._owner_thread != threading.get_ident():
+                # not inside the enabled pipeline's call (a pipeline made from pipe.components, another thread):
+                # the ControlNet itself
+                return original.forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
+                                        conditioning_scale, guess_mode=guess_mode,
+                                        added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs)
             wrapper.pending_control = _control_inputs(model, sample, encoder_hidden_states, controlnet_cond,
                                                       conditioning_scale, guess_mode, added_cond_kwargs, kwargs)
             down = [placeholders.get((sample.shape[0], 1, 1, 1), sample)] * residual_count(model.controlnets[0])

@@ -73,7 +73,8 @@ def _keep_unused_inputs(model, spec: GraphSpec) -> None:
         if t.name in present:
             inputs.append(present[t.name])
         else:
-            elem = onnx.helper.np_dtype_to_tensor_dtype(torch.empty(0, dtype=t.torch_dtype).numpy().dtype)
+            elem = getattr(onnx.TensorProto, {"float32": "FLOAT", "float16": "FLOAT16", "bfloat16": "BFLOAT16",
+                                              "int64": "INT64", "int32": "INT32"}[t.dtype])
             inputs.append(onnx.helper.make_tensor_value_info(t.name, elem, list(t.shape)))
     extra = [i for i in model.graph.input if i.name not in {t.name for t in spec.inputs}]  # initializers as inputs
     del model.graph.input[:]

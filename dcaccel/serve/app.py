@@ -23,12 +23,11 @@ from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .model import ServeSettings
+from .model import APP_NAME, ServeSettings, deployment_options
 from .request import Limits, RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 
-APP_NAME = "dcaccel"
 GENERATOR = "Generator"
 LATENCY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
@@ -41,7 +40,8 @@ class Generator:
         self.server = ModelServer(ServeSettings(**settings))
         self.settings = self.server.settings
         self.lock = asyncio.Lock()  # one pipeline call at a time per replica
-        self.batchers = {}
+        self.batched = serve.batch(max_batch_size=self.settings.max_batch,
+                                   batch_wait_timeout_s=self.settings.batch_wait_ms / 1000)(self._run_batch)
         self.batch_size = Histogram("dcaccel_batch_size", description="images per pipeline call",
                                     boundaries=[1, 2, 3, 4, 6, 8, 12, 16, 32])
         self.queue_s = Histogram("dcaccel_queue_seconds", description="time from the ingress to the pipeline call",
@@ -61,30 +61,32 @@ class Generator:
     def describe(self) -> dict:
         return {**self.server.describe(), "replica_pid": os.getpid(), "load_seconds": self.server.load_seconds}
 
-    def _batcher(self, key):
-        batcher = self.batchers.get(key)
-        if batcher is None:
-            async def run(params: list[dict]) -> list[dict]:
-                async with self.lock:
-                    start = time.time()
-                    try:
-                        results = await asyncio.to_thread(self.server.generate, params)
-                    except Exception as e:  # nothing a batch does may take the replica down
-                        logger.exception("pipeline call failed")
-                        return [{"error": f"{type(e).__name__}: {e}", "status": 500}] * len(params)
-                for p, r in zip(params, results):
+    async def _run_batch(self, params: list[dict]) -> list[dict]:
+        """What Ray Serve's batching grouped (up to max_batch requests): one pipeline call per group of requests
+        with the same height, width, steps and guidance (different resolutions never share a call)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p["height"], p["width"], p["steps"], p["guidance"]), []).append(i)
+        results: list[dict | None] = [None] * len(params)
+        for indices in groups.values():
+            group = [params[i] for i in indices]
+            async with self.lock:
+                start = time.time()
+                try:
+                    out = await asyncio.to_thread(self.server.generate, group)
+                except Exception as e:  # nothing a batch does may take the replica down
+                    logger.exception("pipeline call failed")
+                    out = [{"error": f"{type(e).__name__}: {e}", "status": 500}] * len(group)
+            if "error" not in out[0]:
+                for p, r in zip(group, out):
                     r["queue_s"] = start - p["received"]
                 try:
-                    self._record(results)
+                    self._record(out)
                 except Exception:  # metrics never fail a request
                     logger.exception("recording metrics failed")
-                return results
-
-            run.__name__ = f"generate_{key[0]}x{key[1]}_{key[2]}steps"
-            batcher = serve.batch(max_batch_size=self.settings.max_batch,
-                                  batch_wait_timeout_s=self.settings.batch_wait_ms / 1000)(run)
-            self.batchers[key] = batcher
-        return batcher
+            for i, r in zip(indices, out):
+                results[i] = r
+        return results
 
     def _record(self, results: list[dict]) -> None:
         self.batch_size.observe(len(results))
@@ -102,8 +104,7 @@ class Generator:
             return {"error": f"{type(e).__name__}: {e}", "status": 500}
         if reason:
             return {"error": reason, "status": 400}
-        key = (params["height"], params["width"], params["steps"], params["guidance"])
-        return await self._batcher(key)(params)
+        return await self.batched(params)
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256,
@@ -114,6 +115,7 @@ class Ingress:
         self.settings = ServeSettings(**settings)
         self.limits: Limits | None = None
         self.limits_lock = asyncio.Lock()
+        self._status_cache = None
         self.requests = Counter("dcaccel_requests", description="HTTP requests by route and status",
                                 tag_keys=("route", "status"))
         self.latency = Histogram("dcaccel_request_seconds", description="request latency (POST /v1/generate, 200)",
@@ -133,7 +135,9 @@ class Ingress:
             if path == "/v1/generate" and request.method == "POST":
                 return await self._generate(request)
             if path in ("/healthz", "/v1/models", "/v1/generate"):
-                return self._json(path, 405, {"error": f"method {request.method} is not allowed on {path}"})
+                allowed = "POST" if path == "/v1/generate" else "GET"
+                return self._json(path, 405, {"error": f"method {request.method} is not allowed on {path}; use "
+                                                       f"{allowed}"}, {"Allow": allowed})
             return self._json("other", 404, {"error": f"no route {path}; routes: GET /healthz, GET /v1/models, "
                                                       "POST /v1/generate"})
         except BackPressureError:  # any call to the generator (limits, describe, generate) may be refused
@@ -144,20 +148,34 @@ class Ingress:
             message = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
             return self._json(path, 500, {"error": f"internal error: {type(cause).__name__}: {message}"})
 
+    def _loading(self, route: str) -> JSONResponse:
+        return self._json(route, 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+
     def _overloaded(self, route: str) -> JSONResponse:
         return self._json(route, 503, {"error": "the server is overloaded; retry later"}, {"Retry-After": "1"})
 
-    async def _ready(self) -> tuple[bool, dict]:
+    async def _status(self) -> tuple[bool, int, dict]:
+        """(every replica loaded, replicas running, replica states), asked of the controller at most once a
+        second."""
         from ray.serve.schema import DeploymentStatus
 
-        status = await asyncio.to_thread(serve.status)
-        app = status.applications.get(self.app_name)
-        dep = app.deployments.get(GENERATOR) if app else None
-        replicas = {str(k): v for k, v in dict(dep.replica_states).items()} if dep else {}
-        return dep is not None and dep.status == DeploymentStatus.HEALTHY, replicas
+        now = time.monotonic()
+        if self._status_cache is None or now - self._status_cache[0] > 1.0:
+            status = await asyncio.to_thread(serve.status)
+            app = status.applications.get(self.app_name)
+            dep = app.deployments.get(GENERATOR) if app else None
+            states = {str(getattr(k, "value", k)): v for k, v in dict(dep.replica_states).items()} if dep else {}
+            self._status_cache = (now, dep is not None and dep.status == DeploymentStatus.HEALTHY,
+                                  states.get("RUNNING", 0), states)
+        return self._status_cache[1:]
+
+    async def _ready(self) -> bool:
+        """Requests are taken while at least one replica runs (also while others start or stop: scaling)."""
+        _, running, _ = await self._status()
+        return running > 0
 
     async def _health(self) -> Response:
-        ready, replicas = await self._ready()
+        ready, _, replicas = await self._status()  # healthy: every replica has loaded
         if not ready:
             return self._json("/healthz", 503, {"status": "loading", "replicas": replicas}, {"Retry-After": "1"})
         return self._json("/healthz", 200, {"status": "ok", "replicas": replicas})
@@ -169,17 +187,15 @@ class Ingress:
         return self.limits
 
     async def _models(self) -> Response:
-        ready, _ = await self._ready()
-        if not ready:
-            return self._json("/v1/models", 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+        if not await self._ready():
+            return self._loading("/v1/models")
         info = await self.generator.describe.remote()
         return self._json("/v1/models", 200, {"models": [info], "replicas": self.settings.replicas})
 
     async def _generate(self, request: Request) -> Response:
         received = time.time()
-        ready, _ = await self._ready()
-        if not ready:
-            return self._json("/v1/generate", 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+        if not await self._ready():
+            return self._loading("/v1/generate")
         limits = await self._limits()
         try:
             req = parse_request(await request.body(), limits)
@@ -192,9 +208,11 @@ class Ingress:
                   "height": req.height, "width": req.width, "received": received}
         response = self.generator.generate.remote(params)  # a full queue: BackPressureError, answered 503
         try:
-            result = await asyncio.wait_for(response, self.settings.deadline_s)
+            result = await asyncio.wait_for(response, max(0.0, self.settings.deadline_s - (time.time() - received)))
         except asyncio.TimeoutError:
-            response.cancel()  # wait_for alone would leave the replica working on it
+            # wait_for alone would leave it on the replica: a queued request is dropped; one whose batch already
+            # runs finishes with its batch (the other requests in it need that call) and its image is discarded
+            response.cancel()
             return self._json("/v1/generate", 504, {"error": f"the request ran past its deadline of "
                                                              f"{self.settings.deadline_s:g} s and was cancelled"})
         if "error" in result:
@@ -213,12 +231,9 @@ def build_app(args: dict):
     """The application for `settings` (a ServeSettings as a dict): what `dcaccel serve` runs and what the Serve
     config file's import_path names."""
     settings = ServeSettings(**args)
-    generator = Generator.options(
-        num_replicas=settings.replicas, max_ongoing_requests=max(settings.max_batch * 2, 4),
-        max_queued_requests=settings.max_queued,
-        ray_actor_options={"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica},
-    ).bind(settings.to_dict())
-    return Ingress.bind(generator, settings.to_dict())
+    options = deployment_options(settings)
+    generator = Generator.options(num_replicas=settings.replicas, **options[GENERATOR]).bind(settings.to_dict())
+    return Ingress.options(**options["Ingress"]).bind(generator, settings.to_dict())
 
 
 def settings_json(settings: ServeSettings) -> str:

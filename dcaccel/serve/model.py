@@ -67,6 +67,22 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
+
+APP_NAME = "dcaccel"
+
+
+def deployment_options(settings: ServeSettings) -> dict[str, dict]:
+    """Ray Serve options of the two deployments, for `dcaccel serve` and for the config file alike. Shutdown
+    waits as long as a request may run (a drain lets in-flight requests finish)."""
+    drain = {"graceful_shutdown_timeout_s": settings.deadline_s + 10}
+    return {
+        "Generator": {"max_ongoing_requests": max(settings.max_batch * 2, 4),  # enough waiting to fill a batch
+                      "max_queued_requests": settings.max_queued, **drain,
+                      "ray_actor_options": {"num_cpus": settings.cpus_per_replica,
+                                            "num_gpus": settings.gpus_per_replica}},
+        "Ingress": {**drain, "ray_actor_options": {"num_cpus": 0}},
+    }
+
 class ModelServer:
     """The pipeline of one replica and what it can serve."""
 
@@ -119,21 +135,33 @@ class ModelServer:
                 if b["batch_size"] != s.max_batch:
                     raise ValueError(f"engine {directory} was built for batch {b['batch_size']}; this server batches "
                                      f"up to --max-batch {s.max_batch} images: build it with --batch {s.max_batch}")
+                size = (b["height"], b["width"])
+                if size in self.runners:
+                    raise ValueError(f"two engine directories for {size[0]}x{size[1]}: give one per resolution")
+                if self.runners and b["cfg"] != self.cfg:
+                    raise ValueError(f"engine {directory} was built {'with' if b['cfg'] else 'without'} classifier-free "
+                                     "guidance, the others not: a server's engines must agree (--no-cfg or not)")
                 self.cfg = b["cfg"]
                 runner, info = open_runner(self.pipe, self.config, s.backend, engine_dir=directory)
-                self.runners[(b["height"], b["width"])] = (runner, info)
+                self.runners[size] = (runner, info)
         else:
             size = self.default_size
             runner, info = open_runner(self.pipe, self.config, s.backend, height=size, width=size,
                                        batch_size=s.max_batch, cfg=self.cfg, dtype=s.dtype)
             self.runners[(size, size)] = (runner, info)
         self.sizes = tuple(sorted(self.runners))
+        # what a request that names no size or guidance gets: something these engines run
+        square = [h for h, w in self.sizes if h == w]
+        if (self.default_size, self.default_size) not in self.runners and square:
+            self.default_size = square[0]
+        if not self.cfg:
+            self.default_guidance = 1.0
 
     def limits(self) -> Limits:
         vae = int(self.pipe.vae_scale_factor)
         multiple = vae * (self.family.denoiser(self.pipe).config.patch_size if self.family.name == "mmdit" else 1)
         return Limits(default_size=self.default_size, sizes=self.sizes, multiple=max(8, multiple),
-                      max_size=max(2048, self.default_size), max_steps=MAX_STEPS,
+                      max_size=max([2 * self.default_size] + [max(hw) for hw in self.sizes or ()]), max_steps=MAX_STEPS,
                       default_steps=self.default_steps, default_guidance=self.default_guidance,
                       max_prompt_tokens=int(self.pipe.tokenizer.model_max_length))
 

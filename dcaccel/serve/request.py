@@ -51,10 +51,17 @@ class GenerateRequest:
     extra: dict = field(default_factory=dict)
 
 
+MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers
+
+
 def parse_request(body: bytes, limits: Limits) -> GenerateRequest:
     """The request in `body`, or a RequestError naming what is wrong and what is allowed."""
+    if len(body) > MAX_BODY_BYTES:
+        raise RequestError(f"the body is {len(body)} bytes; at most {MAX_BODY_BYTES} are allowed")
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise RequestError("the body is nested too deeply; send a flat JSON object") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the body is not JSON ({e}); send a JSON object such as "
                            '{"prompt": "a red circle", "seed": 1}') from None
@@ -68,11 +75,11 @@ def parse_request(body: bytes, limits: Limits) -> GenerateRequest:
     req = GenerateRequest(prompt=_text(data, "prompt", required=True))
     if "negative_prompt" in data and data["negative_prompt"] is not None:
         req.negative_prompt = _text(data, "negative_prompt")
-    req.seed = _int(data, "seed", 0, MAX_SEED)
-    req.steps = _int(data, "steps", 1, limits.max_steps)
-    req.guidance = _number(data, "guidance", 0.0, 50.0)
-    req.height = _int(data, "height", 8, limits.max_size)
-    req.width = _int(data, "width", 8, limits.max_size)
+    req.seed = _ranged(data, "seed", 0, MAX_SEED, integer=True)
+    req.steps = _ranged(data, "steps", 1, limits.max_steps, integer=True)
+    req.guidance = _ranged(data, "guidance", 0.0, 50.0, integer=False)
+    req.height = _ranged(data, "height", 8, limits.max_size, integer=True)
+    req.width = _ranged(data, "width", 8, limits.max_size, integer=True)
     height = req.height or limits.default_size
     width = req.width or limits.default_size
     if limits.sizes is not None:
@@ -97,23 +104,14 @@ def _text(data, name, required=False) -> str:
     return value
 
 
-def _int(data, name, low, high) -> int | None:
+def _ranged(data, name, low, high, integer: bool):
+    """data[name] if it is a number (an integer if `integer`) in low..high, None if absent; else a RequestError."""
     if name not in data or data[name] is None:
         return None
     value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"field {name!r} must be an integer in {low}..{high}, got {json.dumps(value)}")
+    what = f"an integer in {low}..{high}" if integer else f"a number in {low:g}..{high:g}"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise RequestError(f"field {name!r} must be {what}, got {json.dumps(value)}")
     if not low <= value <= high:
-        raise RequestError(f"field {name!r} must be an integer in {low}..{high}, got {value}")
-    return value
-
-
-def _number(data, name, low, high) -> float | None:
-    if name not in data or data[name] is None:
-        return None
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"field {name!r} must be a number in {low:g}..{high:g}, got {json.dumps(value)}")
-    if not low <= value <= high:
-        raise RequestError(f"field {name!r} must be a number in {low:g}..{high:g}, got {value}")
-    return float(value)
+        raise RequestError(f"field {name!r} must be {what}, got {value}")
+    return value if integer else float(value)

@@ -9,9 +9,8 @@ import signal
 import time
 from pathlib import Path
 
-from .model import ServeSettings
+from .model import APP_NAME, ServeSettings, deployment_options
 
-APP_NAME = "dcaccel"
 
 
 def _ray_env() -> None:
@@ -80,9 +79,8 @@ def serve_config(settings: ServeSettings, host: str, port: int, min_replicas: in
                  max_replicas: int | None = None) -> dict:
     """A config for `serve deploy` / `serve run`: this app with its settings, replicas as given or autoscaled
     between min_replicas and max_replicas, and the CPUs/GPUs each replica reserves."""
-    generator = {"name": "Generator", "max_queued_requests": settings.max_queued,
-                 "max_ongoing_requests": max(settings.max_batch * 2, 4),
-                 "ray_actor_options": {"num_cpus": settings.cpus_per_replica, "num_gpus": settings.gpus_per_replica}}
+    options = deployment_options(settings)
+    generator = {"name": "Generator", **options["Generator"]}
     if min_replicas is not None or max_replicas is not None:
         lo = min_replicas if min_replicas is not None else 1
         hi = max_replicas if max_replicas is not None else max(lo, settings.replicas)
@@ -98,7 +96,7 @@ def serve_config(settings: ServeSettings, host: str, port: int, min_replicas: in
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": "dcaccel.serve.app:build_app",
             "args": settings.to_dict(),
-            "deployments": [generator, {"name": "Ingress", "ray_actor_options": {"num_cpus": 0}}],
+            "deployments": [generator, {"name": "Ingress", **options["Ingress"]}],
         }],
     }
 
