@@ -72,8 +72,13 @@ class Generator:
             group = [params[i] for i in indices]
             async with self.lock:
                 start = time.time()
+                call = asyncio.ensure_future(asyncio.to_thread(self.server.generate, group))
                 try:
-                    out = await asyncio.to_thread(self.server.generate, group)
+                    out = await asyncio.shield(call)
+                except asyncio.CancelledError:
+                    # the thread cannot be stopped: hold the lock until it ends, so calls never overlap
+                    await asyncio.gather(call, return_exceptions=True)
+                    raise
                 except Exception as e:  # nothing a batch does may take the replica down
                     logger.exception("pipeline call failed")
                     out = [{"error": f"{type(e).__name__}: {e}", "status": 500}] * len(group)

@@ -3,6 +3,7 @@ into one pipeline call. No Ray here: the deployments in app.py wrap it, and test
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import time
@@ -102,6 +103,9 @@ class ModelServer:
         self.family = family_of_pipeline(self.pipe)
         self.denoiser_attr = self.family.denoiser_attr
         self.default_size = default_resolution(self.pipe)
+        # a copy for checking prompts on the event loop: a tokenizer is not safe to share with the pipeline's call
+        # running in its thread (an unpadded prompt once reached the text encoder that way)
+        self.check_tokenizer = copy.deepcopy(self.pipe.tokenizer)
         self.default_guidance, self.default_steps = self._defaults()
         self.config = DeepCacheConfig(interval=1 if s.no_cache else s.interval, branch=s.branch,
                                       head_blocks=s.head_blocks, tail_blocks=s.tail_blocks)
@@ -184,7 +188,7 @@ class ModelServer:
         for name in ("prompt", "negative_prompt"):
             text = params.get(name)
             if text:
-                n = len(self.pipe.tokenizer(text, truncation=False)["input_ids"])
+                n = len(self.check_tokenizer(text, truncation=False)["input_ids"])
                 if n > limit:
                     return f"field {name!r} is {n} tokens long; this model reads at most {limit}"
         if self.sizes is not None and (params["guidance"] > 1) != self.cfg:
