@@ -123,8 +123,7 @@ class ControlNetGraph(nn.Module):
         n_blocks = len(cn.down_blocks)
         self.down = _DownPath(cn, n_blocks if full else block, 0 if full else layer)
         self.mid_block = cn.mid_block if full else None
-        self.count = len(cn.controlnet_down_blocks) if full else 1 + sum(
-            len(b.resnets) + (b.downsamplers is not None) for b in cn.down_blocks[:block]) + layer
+        self.count = len(cn.controlnet_down_blocks) if full else self.down.num_residuals
         self.zero_convs = nn.ModuleList(cn.controlnet_down_blocks[:self.count])
         self.zero_mid = cn.controlnet_mid_block if full else None
         self.pool = bool(cn.config.global_pool_conditions)

@@ -140,6 +140,11 @@ class _DownPath(nn.Module):
         attns = getattr(partial, "attentions", None)
         self.attentions = nn.ModuleList(attns[:pairs]) if attns is not None and pairs else None
 
+    @property
+    def num_residuals(self) -> int:
+        """How many skip connections this path gives (conv_in's output, then one per resnet and downsampler)."""
+        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.blocks) + len(self.resnets)
+
     def forward(self, h, emb, encoder_hidden_states):
         res = [h]
         for block in self.blocks:
@@ -285,7 +290,7 @@ class ShallowUNet(nn.Module):
     @property
     def num_residuals(self) -> int:
         """How many skip connections (from the input side) the shallow branch reads."""
-        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down.blocks) + len(self.down.resnets)
+        return self.down.num_residuals
 
     @property
     def uses_encoder_hidden_states(self) -> bool:
