@@ -256,6 +256,29 @@ def check_generate_arguments(args) -> None:
                 _open_image(flag, path).close()
 
 
+def check_scheduler_steps(scheduler, steps: int) -> None:
+    """Refuse a step count the scheduler cannot index: DDIM with "leading" spacing and steps_offset=1 places its
+    first timestep at 1000 when asked for 1000 steps, one past the end of its noise table (an IndexError in the
+    middle of the call)."""
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if table is None:  # flow-matching schedulers have no table to run past
+        return
+
+    def fits(n: int) -> bool:
+        probe = type(scheduler).from_config(scheduler.config)
+        try:
+            probe.set_timesteps(n)
+        except ValueError:
+            return False
+        return int(probe.timesteps.max()) < len(table)
+
+    if not fits(steps):
+        allowed = next((n for n in range(steps - 1, 0, -1) if fits(n)), 0)
+        raise ValueError(f"--steps {steps} is more than {type(scheduler).__name__} with this model's config can "
+                         f"take (its timesteps would run past its {len(table)}-entry noise table); use --steps "
+                         f"1..{allowed}")
+
+
 def _open_image(flag: str, path: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -331,6 +354,7 @@ def generate(args) -> int:
             raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "
                              f"{type(pipe.scheduler).__name__} (leave --scheduler out)")
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    check_scheduler_steps(pipe.scheduler, args.steps)
     if args.guidance is None:
         args.guidance = SD3_GUIDANCE if denoiser_name == "transformer" else DEFAULT_GUIDANCE
     label = "U-Net" if denoiser_name == "unet" else "transformer"

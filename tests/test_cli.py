@@ -75,6 +75,8 @@ def test_bad_arguments_get_one_line_naming_the_argument(tmp_path, capsys):
     cases = [
         (["--steps", "0"], "--steps must be an integer in 1..1000, got 0"),
         (["--steps", "-1"], "--steps must be an integer in 1..1000, got -1"),
+        (["--steps", "1000"], "--steps 1000 is more than DDIMScheduler with this model's config can take (its "
+                              "timesteps would run past its 1000-entry noise table); use --steps 1..999"),
         (["--height", "0"], "--height must be a multiple of 8 in 8..8192 (pixels), got 0"),
         (["--width", "30"], "--width must be a multiple of 8"),
         (["--image", str(tmp_path / "notimage.png")], "--image " + str(tmp_path / "notimage.png") + " is not an image"),
@@ -138,7 +140,7 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path):
     assert err.strip() == "dcaccel build: interrupted; nothing was written", err
     assert not list((out / "tiny").iterdir()), list(out.rglob("*"))
     image = tmp_path / "img.png"
-    code, err = _interrupt_when(["generate", "--model", "tiny", "--steps", "1000", "--baseline", "--output",
+    code, err = _interrupt_when(["generate", "--model", "tiny", "--steps", "999", "--baseline", "--output",
                                  str(image)], lambda lines: any("loaded in" in line for line in lines), tmp_path)
     assert code == 130, err
     assert err.strip() == "dcaccel generate: interrupted; nothing was written", err
