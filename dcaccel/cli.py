@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     add_option_argument(gen)
     gen.add_argument("--engine-dir", help="built engines for --backend (from `dcaccel build`); without one an "
                                           "engine backend builds for this call's shapes first")
+    gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="fuse this LoRA first (repeatable; also into the --baseline run); shapes-lcm names the "
+                          "shipped LCM-LoRA of the shapes model (use with --scheduler lcm --steps 4 --guidance 1)")
     gen.add_argument("--image", help="input image: img2img (or inpainting with --mask)")
     gen.add_argument("--mask", help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", type=float, default=0.8, help="img2img/inpaint strength (default 0.8)")
@@ -349,6 +352,10 @@ def generate(args) -> int:
     pipe = load_model(args, task)
     print(f"loaded in {time.perf_counter() - start:.1f} s ({task})")
     denoiser_name = family_of_pipeline(pipe).denoiser_attr
+    if args.lora:
+        from .lora import apply_loras, parse_lora_argument
+
+        apply_loras(pipe, [parse_lora_argument(text) for text in args.lora], fuse=True)
     if args.scheduler:
         if denoiser_name != "unet":
             raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "

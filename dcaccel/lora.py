@@ -67,15 +67,38 @@ class LoraSpec:
             raise ValueError(f"LoRA name must be letters, digits, '_' or '-', got {self.name!r}")
 
 
+# LoRAs shipped in the package (dcaccel/weights/<dir>), by the name the CLI and embedded_lora() know them
+EMBEDDED = {"shapes-lcm": ("shapes-lcm-lora", "pytorch_lora_weights.safetensors")}
+
+
+def embedded_lora(name: str) -> Path:
+    """The file of a LoRA shipped with dcaccel: "shapes-lcm" is the LCM-LoRA distilled for the shapes model
+    (build_scripts/distill_lcm_lora.py)."""
+    from importlib import resources
+
+    if name not in EMBEDDED:
+        raise ValueError(f"no embedded LoRA {name!r}; embedded: {sorted(EMBEDDED)}")
+    path = Path(str(resources.files("dcaccel").joinpath("weights", *EMBEDDED[name])))
+    if not path.is_file():
+        raise FileNotFoundError(f"the embedded LoRA {name!r} is missing from {path}: reinstall dcaccel, or distil it "
+                                "with build_scripts/distill_lcm_lora.py")
+    return path
+
+
 def parse_lora_argument(text: str) -> LoraSpec:
-    """'path[:scale]' (a command-line argument) -> LoraSpec; a suffix that is not a number belongs to the path."""
+    """'path[:scale]' (a command-line argument) -> LoraSpec; a suffix that is not a number belongs to the path.
+    An embedded LoRA's name (shapes-lcm) stands for its file."""
     path, sep, scale = text.rpartition(":")
     if sep:
         try:
-            return LoraSpec(path, float(scale))
+            scale = float(scale)
         except ValueError:
-            pass
-    return LoraSpec(text)
+            path, scale = text, 1.0
+    else:
+        path, scale = text, 1.0
+    if path in EMBEDDED:
+        return LoraSpec(embedded_lora(path), scale, name=path.replace("-", "_"))
+    return LoraSpec(path, scale)
 
 
 def lora_record(loras) -> list[dict]:

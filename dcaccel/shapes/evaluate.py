@@ -30,25 +30,67 @@ def label(config: DeepCacheConfig | None) -> str:
     return f"N={config.interval} B={config.branch} {config.schedule}"
 
 
-def generate(pipe, config: DeepCacheConfig | None, scenes: list[Scene], seed: int, steps: int, guidance: float):
-    """Images for `scenes` (seed per image: seed + index) and the seconds spent in the U-Net loop and overall."""
-    start = time.perf_counter()
+def generate(pipe, config: DeepCacheConfig | None, scenes: list[Scene], seed: int, steps: int, guidance: float,
+             backend: str = "eager", batch: int = 64, warmup: bool = False, **options):
+    """Images for `scenes` (seed per image: seed + index) and the seconds spent in the U-Net loop and overall
+    (pipeline calls only: enabling, which opens a backend's engines, is not counted). config None: the plain
+    pipeline; else DeepCache on `backend` (`options` go to dcaccel.enable: engine_dir=... for engines).
+    warmup: one untimed call on the first batch first (a backend's first call allocates its buffers)."""
     if config is None:
+        if warmup:
+            pipeline_images(pipe, scenes[:batch], seed, steps, guidance, batch=batch)
+        start = time.perf_counter()
         with DenoiserTimer(pipe.unet) as clock:
-            images = pipeline_images(pipe, scenes, seed, steps, guidance)
+            images = pipeline_images(pipe, scenes, seed, steps, guidance, batch=batch)
         return images, clock.seconds, time.perf_counter() - start
-    dc.enable(pipe, config)
+    dc.enable(pipe, config, backend, **options)
+    if warmup:
+        try:
+            pipeline_images(pipe, scenes[:batch], seed, steps, guidance, batch=batch)
+        except BaseException:
+            dc.disable(pipe)
+            raise
     unet_seconds = 0.0
 
     def add_batch():  # the U-Net loop of every pipeline call
         nonlocal unet_seconds
         unet_seconds += dc.last_stats(pipe).unet_seconds
 
+    start = time.perf_counter()
     try:
-        images = pipeline_images(pipe, scenes, seed, steps, guidance, after_batch=add_batch)
+        images = pipeline_images(pipe, scenes, seed, steps, guidance, batch=batch, after_batch=add_batch)
     finally:
         dc.disable(pipe)
     return images, unet_seconds, time.perf_counter() - start
+
+
+class Reference:
+    """What every row is scored against: real images' scorer features (FID's reference set), the distance
+    between two real sets of the generated set's size (FID's floor), and which scenes are held out."""
+
+    def __init__(self, scorer, scenes: list[Scene], real_images: int = 1200):
+        self.scorer, self.scenes, self.real_images = scorer, scenes, real_images
+        held = set(held_out_scenes())
+        self.held_mask = torch.tensor([s in held for s in scenes])
+        real_np, _ = make_dataset(real_images, seed=1, scenes=all_scenes())
+        self.real_feats = features(scorer, to_tensor(real_np))
+        floor_np, _ = make_dataset(len(scenes), seed=2, scenes=all_scenes())
+        self.fid_floor = frechet_distance(features(scorer, to_tensor(floor_np)), self.real_feats)
+
+    def metrics(self, images: torch.Tensor, base: torch.Tensor | None = None) -> dict:
+        """Prompt accuracy (all attributes and each), held-out-scene accuracy, FID (scorer), and against `base`
+        (the same prompts and seeds without DeepCache): agreement of the scorer's readings and PSNR."""
+        acc = accuracy(self.scorer, images, self.scenes)
+        held_scenes = [s for s, h in zip(self.scenes, self.held_mask) if h]
+        held = accuracy(self.scorer, images[self.held_mask], held_scenes)["all"] if held_scenes else None
+        out = {"prompt_accuracy": acc["all"], "attribute_accuracy": {k: v for k, v in acc.items() if k != "all"},
+               "held_out_scene_accuracy": held, "held_out_images": len(held_scenes),
+               "fid_scorer": frechet_distance(features(self.scorer, images), self.real_feats)}
+        if base is not None:
+            out["agreement_with_baseline"] = float(np.mean(_readings(self.scorer, images)
+                                                           == _readings(self.scorer, base)))
+            out["psnr_to_baseline_db"] = psnr(images, base)
+        return out
 
 
 def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps: int = 20,
@@ -58,13 +100,7 @@ def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps
     times with the same initial noise. Speed: the U-Net loop and total seconds of the whole set, the median of `repeats`
     runs, as a ratio to the no-DeepCache run of the same round (rounds interleave the settings)."""
     scenes = [s for _ in range(seeds) for s in (scenes or all_scenes())]
-    held = set(held_out_scenes())
-    held_mask = torch.tensor([s in held for s in scenes])
-    real_np, _ = make_dataset(real_images, seed=1, scenes=all_scenes())
-    real_feats = features(scorer, to_tensor(real_np))
-    floor_np, _ = make_dataset(len(scenes), seed=2, scenes=all_scenes())
-    floor = frechet_distance(features(scorer, to_tensor(floor_np)), real_feats)
-
+    ref = Reference(scorer, scenes, real_images)
     configs = [None] + list(settings)
     times = {label(c): [] for c in configs}
     images = {}
@@ -77,28 +113,19 @@ def quality_sweep(pipe, scorer, settings=DEFAULT_SETTINGS, seeds: int = 3, steps
             progress(f"round {round_ + 1}/{repeats} {label(config)}: U-Net loop {unet_s:.1f} s, total {total_s:.1f} s")
 
     base = images[label(None)]
-    base_read = _readings(scorer, base)
     records = []
     for config in configs:
         name = label(config)
-        imgs = images[name]
-        acc = accuracy(scorer, imgs, scenes)
-        held_acc = accuracy(scorer, imgs[held_mask], [s for s in scenes if s in held]) if held_mask.any() else None
-        unet_ratio = statistics.median(b[0] / t[0] for b, t in zip(times[label(None)], times[name]))
-        total_ratio = statistics.median(b[1] / t[1] for b, t in zip(times[label(None)], times[name]))
         records.append({
             "setting": name, "config": None if config is None else config.to_dict(),
             "images": len(scenes), "steps": steps, "guidance": guidance,
-            "prompt_accuracy": acc["all"], "attribute_accuracy": {k: v for k, v in acc.items() if k != "all"},
-            "held_out_scene_accuracy": held_acc and held_acc["all"], "held_out_images": int(held_mask.sum()),
-            "fid_scorer": frechet_distance(features(scorer, imgs), real_feats),
-            "agreement_with_baseline": float(np.mean(_readings(scorer, imgs) == base_read)),
-            "psnr_to_baseline_db": psnr(imgs, base),
+            **ref.metrics(images[name], base),
             "unet_seconds": statistics.median(t[0] for t in times[name]),
             "total_seconds": statistics.median(t[1] for t in times[name]),
-            "speedup_unet": unet_ratio, "speedup_total": total_ratio,
+            "speedup_unet": statistics.median(b[0] / t[0] for b, t in zip(times[label(None)], times[name])),
+            "speedup_total": statistics.median(b[1] / t[1] for b, t in zip(times[label(None)], times[name])),
         })
-    meta = {"chance_accuracy": chance_accuracy(), "fid_real_floor": floor, "real_images": real_images,
+    meta = {"chance_accuracy": chance_accuracy(), "fid_real_floor": ref.fid_floor, "real_images": real_images,
             "repeats": repeats}
     return records, meta
 
