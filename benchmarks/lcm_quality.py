@@ -13,9 +13,7 @@ Writes results.jsonl, results.md and results.png to benchmarks/results/<date>-sh
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -214,6 +212,7 @@ def main(argv=None) -> int:
 
     from dcaccel import shapes
     from dcaccel.models import trained_model_dir
+    from dcaccel.shapes.evaluate import machine_text, write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes")
@@ -236,18 +235,13 @@ def main(argv=None) -> int:
     records, meta = measure(runner, rows, args.backends, scorer, args.seeds, args.repeats)
     now = datetime.now(timezone.utc)
     out = args.out or REPO / "benchmarks" / "results" / f"{now:%Y-%m-%d}-shapes-lcm-lora"
-    out.mkdir(parents=True, exist_ok=True)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{args.threads} threads")
+    machine = machine_text(args.threads)
     header = (f"# LCM-LoRA after DeepCache on the shapes model\n\nMeasured {now:%Y-%m-%d %H:%M} UTC on {machine}: "
               f"`python benchmarks/lcm_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`, "
               f"{records[0]['images']} images per row ({args.seeds} per caption), {args.batch} per call, fp32, "
               f"32x32 px. LoRA: {os.path.relpath(args.lora, REPO)}. DDIM rows use guidance 4 (classifier-free, "
               f"two U-Net batches a step); LCM rows guidance 1 (one).")
-    with open(out / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({**r, **meta, "date": now.isoformat(timespec="seconds"), "machine": machine}) + "\n")
-    (out / "results.md").write_text(markdown(records, meta, header))
+    write_results(out, records, meta, markdown(records, meta, header), now, machine)
     plot(records, out / "results.png", f"shapes model, {now:%Y-%m-%d}, {machine}")
     print(markdown(records, meta, header))
     print(f"wrote {out}/results.md, results.jsonl, results.png")

@@ -10,9 +10,7 @@ and schedule. Writes results.jsonl and results.md to benchmarks/results/<date>-s
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +38,7 @@ def main(argv=None) -> int:
 
     from dcaccel import shapes
     from dcaccel.models import load_pipeline
-    from dcaccel.shapes.evaluate import DEFAULT_SETTINGS, markdown, quality_sweep
+    from dcaccel.shapes.evaluate import DEFAULT_SETTINGS, machine_text, markdown, quality_sweep, write_results
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes", help="the shapes model, or a local directory of one")
@@ -59,16 +57,11 @@ def main(argv=None) -> int:
                                   steps=args.steps, repeats=args.repeats)
     now = datetime.now(timezone.utc)
     out = args.out or REPO / "benchmarks" / "results" / f"{now:%Y-%m-%d}-shapes-quality"
-    out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
-              f"{args.threads} threads"
+    machine = machine_text(args.threads)
     header = (f"# DeepCache quality on the shapes model\n\nMeasured {now:%Y-%m-%d %H:%M} UTC on {machine}: "
               f"`python benchmarks/quality.py {' '.join(argv or sys.argv[1:])}`, DDIM {args.steps} steps, "
               f"guidance {records[0]['guidance']}, {records[0]['images']} images per setting, eager backend.")
-    with open(out / "results.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({**r, **meta, "date": now.isoformat(timespec="seconds"), "machine": machine}) + "\n")
-    (out / "results.md").write_text(markdown(records, meta, header))
+    write_results(out, records, meta, markdown(records, meta, header), now, machine)
     print(markdown(records, meta, header))
     print(f"wrote {out / 'results.md'} and results.jsonl")
     return 0

@@ -156,3 +156,25 @@ def markdown(records: list[dict], meta: dict, header: str) -> str:
                      f"{'-' if r['config'] is None else format(r['psnr_to_baseline_db'], '.1f') + ' dB'} | "
                      f"{r['speedup_unet']:.2f}x | {r['speedup_total']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def machine_text(threads: int) -> str:
+    """Where a quality table was measured, for its header and records."""
+    import os
+    import platform
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{threads} threads")
+
+
+def write_results(out, records: list[dict], meta: dict, table: str, now, machine: str) -> None:
+    """results.jsonl (every record with the run's meta, date and machine) and results.md (`table`) in `out`."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({**r, **meta, "date": now.isoformat(timespec="seconds"), "machine": machine}) + "\n")
+    (out / "results.md").write_text(table)
