@@ -300,6 +300,13 @@ def _open_image(flag: str, path: str):
 def load_model(args, task: str = "text2img"):
     from .models import load_pipeline
 
+    if not args.verbose:  # diffusers' and transformers' loading progress bars, unless -v
+        import diffusers.utils.logging
+        import transformers.utils.logging
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+
     pipe = load_pipeline(args.model, task, dtype=_dtype(args.dtype))
     if args.device != "cpu":
         pipe.to(args.device)
