@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,27 +120,22 @@ def lcm_quality(pipe, ref, steps: int, seed: int) -> dict:
 
 
 def export_lora(out: Path, unet, metadata: dict) -> None:
-    """Write pytorch_lora_weights.safetensors (diffusers' LoRA file, PEFT keys) and lcm_lora.json to a temporary
-    directory, then rename it to `out`."""
+    """Write pytorch_lora_weights.safetensors (diffusers' LoRA file, PEFT keys) and lcm_lora.json into a staging
+    directory and put it in place in one step (dcaccel's engine builds do the same): `out` is always either the
+    previous export or the new one."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
-    partial, old = out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")
-    for stale in (partial, old):
-        if stale.exists():
-            shutil.rmtree(stale)
+    from dcaccel.engines import StagingDir
+
     # PEFT keys (lora_A/lora_B), as diffusers' LCM-LoRA training script writes them: its diffusers-key conversion
     # renames only the attention projections, and a file with both kinds is one diffusers' loader misreads
     layers = get_peft_model_state_dict(unet)
-    StableDiffusionPipeline.save_lora_weights(partial, unet_lora_layers={k: v.to(torch.float16).contiguous()
-                                                                        for k, v in layers.items()},
-                                              safe_serialization=True)
-    (partial / "lcm_lora.json").write_text(json.dumps(metadata, indent=1) + "\n")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(partial, out)
-    if old.exists():
-        shutil.rmtree(old)
+    with StagingDir(out) as staging:
+        StableDiffusionPipeline.save_lora_weights(staging, unet_lora_layers={k: v.to(torch.float16).contiguous()
+                                                                            for k, v in layers.items()},
+                                                  safe_serialization=True)
+        (staging / "lcm_lora.json").write_text(json.dumps(metadata, indent=1) + "\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -195,11 +189,13 @@ def main(argv=None):
     # the teacher's data: training images (held-out scenes excluded) encoded once, captions embedded once
     latents_path = args.work_dir / "latents.pt"
     saved = torch.load(latents_path) if latents_path.exists() else None
-    if saved is None or len(saved["captions"]) != args.num_images:  # encoded for another --num-images: again
+    source = {"teacher": args.teacher, "num_images": args.num_images}
+    if saved is None or saved.get("source") != source:  # encoded from another teacher or image count: again
         with torch.no_grad():
             images_np, scenes = data.make_dataset(args.num_images, seed=0)
             latents = torch.cat([vae.encode(c).latent_dist.mode() for c in data.to_tensor(images_np).split(256)])
-        saved = {"latents": latents * vae.config.scaling_factor, "captions": [s.caption for s in scenes]}
+        saved = {"latents": latents * vae.config.scaling_factor, "captions": [s.caption for s in scenes],
+                 "source": source}
         save_atomic(saved, latents_path)
     latents, captions = saved["latents"], sorted(set(saved["captions"]))
     scene_ids = torch.tensor([captions.index(c) for c in saved["captions"]])
@@ -210,8 +206,12 @@ def main(argv=None):
     uncond = embeddings[-1:]
 
     solver = Solver(pipe.scheduler.alphas_cumprod.float(), args.ddim_steps, pipe.scheduler.config.prediction_type)
-    eval_ref = Reference(scorer, data.all_scenes(), real_images=600)  # every caption once, held-out ones among them
+    eval_ref = None
+
     def evaluate():
+        nonlocal eval_ref
+        if eval_ref is None:  # every caption once, held-out ones among them
+            eval_ref = Reference(scorer, data.all_scenes(), real_images=600)
         unet.eval()
         with Swap(live, ema):
             checks = {f"lcm{n}": lcm_quality(pipe, eval_ref, n, seed=0) for n in (2, 4)}
@@ -268,7 +268,7 @@ def main(argv=None):
         metadata = {"script": "build_scripts/distill_lcm_lora.py", "options": options, "steps": stage.step,
                     "target_modules": TARGET_MODULES, "shipped": "EMA (target) LoRA weights, fp16",
                     "checks": f"LCMScheduler, guidance 1, every caption {args.check_seeds} time(s), seeds 10000+; FID "
-                              "(scorer) against 1200 real images", **checks}
+                              "(scorer) against 1200 real images" if checks else "none (--check-seeds 0)", **checks}
         export_lora(args.out, unet, metadata)
     log(args.work_dir, stage="export", out=str(args.out), **checks)
 

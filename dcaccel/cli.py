@@ -259,27 +259,31 @@ def check_generate_arguments(args) -> None:
                 _open_image(flag, path).close()
 
 
-def check_scheduler_steps(scheduler, steps: int) -> None:
-    """Refuse a step count the scheduler cannot index: DDIM with "leading" spacing and steps_offset=1 places its
-    first timestep at 1000 when asked for 1000 steps, one past the end of its noise table (an IndexError in the
-    middle of the call)."""
+def check_scheduler_steps(scheduler, steps: int, strength: float = 1.0) -> None:
+    """Refuse a step count the scheduler cannot run: one it refuses itself (LCMScheduler: more than its
+    original_inference_steps), or one whose timesteps run past its noise table (DDIM with "leading" spacing and
+    steps_offset=1 puts its first timestep at 1000 when asked for 1000 steps: an IndexError mid-call).
+    img2img/inpaint (strength < 1) only run the last steps x strength timesteps."""
     table = getattr(scheduler, "alphas_cumprod", None)
     if table is None:  # flow-matching schedulers have no table to run past
         return
+    name = type(scheduler).__name__
 
-    def fits(n: int) -> bool:
+    def problem(n: int) -> str | None:
         probe = type(scheduler).from_config(scheduler.config)
         try:
             probe.set_timesteps(n)
-        except ValueError:
-            return False
-        return int(probe.timesteps.max()) < len(table)
+        except ValueError as e:
+            return f"{name} refuses it ({e})"
+        used = probe.timesteps[n - min(int(n * strength), n):]
+        if len(used) and int(used.max()) >= len(table):
+            return f"{name} with this model's config would run past its {len(table)}-entry noise table"
+        return None
 
-    if not fits(steps):
-        allowed = next((n for n in range(steps - 1, 0, -1) if fits(n)), 0)
-        raise ValueError(f"--steps {steps} is more than {type(scheduler).__name__} with this model's config can "
-                         f"take (its timesteps would run past its {len(table)}-entry noise table); use --steps "
-                         f"1..{allowed}")
+    reason = problem(steps)
+    if reason:
+        allowed = next((n for n in range(steps - 1, 0, -1) if problem(n) is None), 0)
+        raise ValueError(f"--steps {steps}: {reason}; use --steps 1..{allowed}")
 
 
 def _open_image(flag: str, path: str):
@@ -368,7 +372,7 @@ def generate(args) -> int:
             raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "
                              f"{type(pipe.scheduler).__name__} (leave --scheduler out)")
         pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-    check_scheduler_steps(pipe.scheduler, args.steps)
+    check_scheduler_steps(pipe.scheduler, args.steps, args.strength if args.image else 1.0)
     if args.guidance is None:
         args.guidance = SD3_GUIDANCE if denoiser_name == "transformer" else DEFAULT_GUIDANCE
     label = "U-Net" if denoiser_name == "unet" else "transformer"

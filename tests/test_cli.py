@@ -75,8 +75,9 @@ def test_bad_arguments_get_one_line_naming_the_argument(tmp_path, capsys):
     cases = [
         (["--steps", "0"], "--steps must be an integer in 1..1000, got 0"),
         (["--steps", "-1"], "--steps must be an integer in 1..1000, got -1"),
-        (["--steps", "1000"], "--steps 1000 is more than DDIMScheduler with this model's config can take (its "
-                              "timesteps would run past its 1000-entry noise table); use --steps 1..999"),
+        (["--steps", "1000"], "--steps 1000: DDIMScheduler with this model's config would run past its 1000-entry "
+                              "noise table; use --steps 1..999"),
+        (["--steps", "60", "--scheduler", "lcm"], "--steps 60: LCMScheduler refuses it ("),
         (["--height", "0"], "--height must be a multiple of 8 in 8..8192 (pixels), got 0"),
         (["--width", "30"], "--width must be a multiple of 8"),
         (["--image", str(tmp_path / "notimage.png")], "--image " + str(tmp_path / "notimage.png") + " is not an image"),
