@@ -164,8 +164,8 @@ def test_build_and_generate_with_the_shipped_lcm_lora_in_separate_processes(tmp_
     images = {}
     for backend in ("eager", "onnxruntime"):
         extra = ["--engine-dir", str(engine_dir)] if backend == "onnxruntime" else []
-        run = subprocess.run([*cli, "generate", *common, "--interval", "2", "--scheduler", "lcm", "--steps", "4", "--guidance", "1",
-                              "--backend", backend, *extra, "--output", str(tmp_path / f"{backend}.png")],
+        run = subprocess.run([*cli, "generate", *common, "--interval", "2", "--scheduler", "lcm", "--steps", "4",
+                              "--guidance", "1", "--backend", backend, *extra, "--output", str(tmp_path / f"{backend}.png")],
                              capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "scorer reads the DeepCache image as" in run.stdout, run.stdout
