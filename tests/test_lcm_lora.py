@@ -82,6 +82,14 @@ def lcm_runs(lcm_pipe):
     return scenes, runs
 
 
+@pytest.fixture(scope="module")
+def reference(lcm_pipe, lcm_runs):
+    """The scorer's view of 1200 real images for the captions of lcm_runs (rendered once for every setting)."""
+    from dcaccel.shapes.evaluate import Reference
+
+    return Reference(lcm_pipe[2], lcm_runs[0], real_images=1200)
+
+
 def test_lcm_four_steps_draws_what_the_prompt_says(lcm_pipe, lcm_runs):
     _, _, scorer = lcm_pipe
     scenes, runs = lcm_runs
@@ -96,15 +104,11 @@ def test_lcm_four_steps_draws_what_the_prompt_says(lcm_pipe, lcm_runs):
 
 @pytest.mark.parametrize("interval, full_steps, fid_ratio", [(3, [0, 3], LCM_N3_FID_RATIO),
                                                              (2, [0, 2], LCM_N2_FID_RATIO)])
-def test_deepcache_on_lcm_stays_within_the_measured_margin(lcm_pipe, lcm_runs, interval, full_steps, fid_ratio):
-    from dcaccel.shapes.evaluate import Reference
-
-    _, _, scorer = lcm_pipe
-    scenes, runs = lcm_runs
+def test_deepcache_on_lcm_stays_within_the_measured_margin(lcm_runs, reference, interval, full_steps, fid_ratio):
+    _, runs = lcm_runs
     (plain, _), (cached, stats) = runs[None], runs[interval]
     assert stats.full_steps == full_steps and len(stats.shallow_steps) == 4 - len(full_steps)
-    ref = Reference(scorer, scenes, real_images=1200)
-    a, b = ref.metrics(plain), ref.metrics(cached, plain)
+    a, b = reference.metrics(plain), reference.metrics(cached, plain)
     print(f"LCM 4 steps, N={interval} B=0: accuracy {a['prompt_accuracy']:.1%} -> {b['prompt_accuracy']:.1%}; FID "
           f"{a['fid_scorer']:.2f} -> {b['fid_scorer']:.2f}; PSNR {b['psnr_to_baseline_db']:.1f} dB")
     assert b["psnr_to_baseline_db"] < 60  # DeepCache changed the images, so the margin means something
@@ -165,7 +169,8 @@ def test_build_and_generate_with_the_shipped_lcm_lora_in_separate_processes(tmp_
     for backend in ("eager", "onnxruntime"):
         extra = ["--engine-dir", str(engine_dir)] if backend == "onnxruntime" else []
         run = subprocess.run([*cli, "generate", *common, "--interval", "2", "--scheduler", "lcm", "--steps", "4",
-                              "--guidance", "1", "--backend", backend, *extra, "--output", str(tmp_path / f"{backend}.png")],
+                              "--guidance", "1", "--backend", backend, *extra,
+                              "--output", str(tmp_path / f"{backend}.png")],
                              capture_output=True, text=True, cwd=tmp_path)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "scorer reads the DeepCache image as" in run.stdout, run.stdout

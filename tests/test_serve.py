@@ -169,7 +169,8 @@ def test_overload_answers_503_and_loses_nothing_below_it(cluster):
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda i: _request(url + "/v1/generate", {**body, "seed": i}), range(12)))
     codes = [r[0] for r in results]
-    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 3, [(r[0], r[2][:300]) for r in results if r[0] != 200]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 3, \
+        [(r[0], r[2][:300]) for r in results if r[0] != 200]
     assert all(r[1].get("Retry-After") == "1" for r in results if r[0] == 503)
     # below the limit, nothing is lost (Ray's router counts simultaneous arrivals as queued until a replica takes
     # them, so up to max_queued requests arriving at once are always taken)

@@ -540,7 +540,8 @@ class Bench:
             "cache": case.cache, "family": self.family.name,
             "interval": c.interval if cached else None,
             "branch": cut.get("branch"), "head_blocks": cut.get("head_blocks"), "tail_blocks": cut.get("tail_blocks"),
-            "cut_controlnet": False if case.kind == "reference" and "cut_controlnet" in cut else cut.get("cut_controlnet"),
+            "cut_controlnet": (False if case.kind == "reference" and "cut_controlnet" in cut
+                               else cut.get("cut_controlnet")),
             "controlnets": a.controlnets,
             "schedule": c.schedule if cached else None,
             "model": self.model_name, "weights": self.weights, "height": self.height, "width": self.width,

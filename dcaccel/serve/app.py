@@ -225,7 +225,8 @@ class Ingress:
         total = time.time() - received
         self.latency.observe(total)
         self.requests.inc(tags={"route": "/v1/generate", "status": "200"})
-        headers = {"X-Seed": str(seed), "X-Server-Seconds": f"{total:.4f}", "X-Queue-Seconds": f"{result['queue_s']:.4f}",
+        headers = {"X-Seed": str(seed), "X-Server-Seconds": f"{total:.4f}",
+                   "X-Queue-Seconds": f"{result['queue_s']:.4f}",
                    "X-Pipeline-Seconds": f"{result['pipeline_s']:.4f}",
                    "X-Denoiser-Seconds": f"{result['denoiser_s']:.4f}", "X-Batch-Size": str(result["batch_size"]),
                    "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow"}

@@ -68,7 +68,6 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-
 APP_NAME = "dcaccel"
 
 
@@ -83,6 +82,7 @@ def deployment_options(settings: ServeSettings) -> dict[str, dict]:
                                             "num_gpus": settings.gpus_per_replica}},
         "Ingress": {**drain, "ray_actor_options": {"num_cpus": 0}},
     }
+
 
 class ModelServer:
     """The pipeline of one replica and what it can serve."""
@@ -143,8 +143,9 @@ class ModelServer:
                 if size in self.runners:
                     raise ValueError(f"two engine directories for {size[0]}x{size[1]}: give one per resolution")
                 if self.runners and b["cfg"] != self.cfg:
-                    raise ValueError(f"engine {directory} was built {'with' if b['cfg'] else 'without'} classifier-free "
-                                     "guidance, the others not: a server's engines must agree (--no-cfg or not)")
+                    kind = "with" if b["cfg"] else "without"
+                    raise ValueError(f"engine {directory} was built {kind} classifier-free guidance, the others not: "
+                                     "a server's engines must agree (--no-cfg or not)")
                 self.cfg = b["cfg"]
                 runner, info = open_runner(self.pipe, self.config, s.backend, engine_dir=directory)
                 self.runners[size] = (runner, info)

@@ -12,7 +12,6 @@ from pathlib import Path
 from .model import APP_NAME, ServeSettings, deployment_options
 
 
-
 def _ray_env() -> None:
     # Ray 2.60 turns token authentication on by default; a local cluster started here needs none, and a joined
     # cluster must be started with the same setting (see README: Serving).
