@@ -239,7 +239,8 @@ def train_unet(work: Path, vae, scaling: float, latents, scenes, scorer, steps: 
 
 
 def export(out: Path, pipe, scorer, metadata: dict):
-    """Write the pipeline (fp16 weights) and the scorer to a temporary directory, then rename it to `out`."""
+    """Write the pipeline (fp16 weights), the scorer (unless None) and shapes.json to a temporary directory, then
+    rename it to `out`."""
     import shutil
 
     from safetensors.torch import save_file
@@ -250,9 +251,10 @@ def export(out: Path, pipe, scorer, metadata: dict):
             shutil.rmtree(stale)
     pipe.to(torch.float16).save_pretrained(partial, safe_serialization=True)
     pipe.to(torch.float32)
-    (partial / "scorer").mkdir()
-    save_file({k: v.to(torch.float16).contiguous() for k, v in scorer.state_dict().items()},
-              partial / "scorer" / "model.safetensors")
+    if scorer is not None:
+        (partial / "scorer").mkdir()
+        save_file({k: v.to(torch.float16).contiguous() for k, v in scorer.state_dict().items()},
+                  partial / "scorer" / "model.safetensors")
     (partial / "shapes.json").write_text(json.dumps(metadata, indent=1) + "\n")
     if out.exists():  # moved aside, not deleted, until the new directory is in place
         os.replace(out, old)

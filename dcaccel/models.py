@@ -16,7 +16,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("tiny", "tiny-xl", "tiny-sd3", "sd15", "sd21", "sdxl", "sd35m", "sd35l")  # configs, random weights
-TRAINED = ("shapes",)  # embedded trained weights (dcaccel/weights/<name>): see dcaccel/shapes
+TRAINED = ("shapes", "shapes-sd3")  # embedded trained weights (dcaccel/weights/<name>): see dcaccel/shapes
+TRAINING_SCRIPTS = {"shapes": "train_shapes.py", "shapes-sd3": "train_shapes_sd3.py"}
 TASKS = ("text2img", "img2img", "inpaint")
 
 _PIPELINES = {
@@ -139,13 +140,13 @@ def trained_model_dir(name: str) -> str:
     path = str(resources.files("dcaccel").joinpath("weights", name))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"the embedded {name!r} weights are missing from {path}: reinstall dcaccel, or "
-                                f"train them with build_scripts/train_shapes.py")
+                                f"train them with build_scripts/{TRAINING_SCRIPTS.get(name, 'train_shapes.py')}")
     return path
 
 
 def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):
-    """`model` is an embedded architecture name (random weights), an embedded trained model (`shapes`) or a
-    local diffusers pipeline directory (never a hub id)."""
+    """`model` is an embedded architecture name (random weights), an embedded trained model (`shapes`,
+    `shapes-sd3`) or a local diffusers pipeline directory (never a hub id)."""
     if model in ARCHITECTURES:
         return build_pipeline(model, task, dtype=dtype)
     if model in TRAINED:
@@ -159,6 +160,8 @@ def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch
         index = json.load(f)
     family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
+    if family == "sd3":  # SD 3 without T5 (saved as None, so absent from model_index.json): from_pretrained
+        kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if not (index.get(k) or [None])[0]})
     pipe = pipeline_class(family, task).from_pretrained(model, dtype=dtype, local_files_only=True, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe

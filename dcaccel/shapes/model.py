@@ -42,6 +42,26 @@ SCHEDULER_CONFIG = {
     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "v_prediction",
 }
 
+# shapes-sd3: the same task on Stable Diffusion 3's architecture. Six joint blocks, the first three with SD 3.5
+# Medium's dual attention and the last one context_pre_only (as diffusers builds every SD3 transformer), so that
+# head/tail choices cut a stack that looks like SD 3.5's. Latents are the shapes VAE's (16x16x4): patch 2 gives
+# 8x8 image tokens. The two CLIP encoders' penultimate states (64 + 64) fill joint_attention_dim; their pooled
+# projections (64 + 64) are pooled_projection_dim; text_encoder_3 (T5) is None, which the pipeline replaces by
+# 256 zero tokens (its max_sequence_length default), so the model is trained with exactly those.
+SD3_TRANSFORMER_CONFIG = {
+    "sample_size": RESOLUTION // 2, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 6,
+    "attention_head_dim": 16, "num_attention_heads": 4, "joint_attention_dim": 128, "caption_projection_dim": 64,
+    "pooled_projection_dim": 128, "pos_embed_max_size": 16, "dual_attention_layers": [0, 1, 2],
+    "qk_norm": "rms_norm",
+}
+SD3_TEXT_CONFIG = {**TEXT_CONFIG}  # CLIPTextModelWithProjection: hidden 64 and projection 64 each
+SD3_T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default: zeros when text_encoder_3 is None
+# Rectified flow as SD 3 trains it: x_t = (1 - sigma) x0 + sigma noise, the model predicts noise - x0 at
+# timestep 1000 sigma. SD 3 shifts sigmas by 3.0 for 128x128 latents; the shift grows with the number of latent
+# pixels, and 16x16 latents take none (1.0). At sigma = 1 the input is pure noise, so no trace of the image can
+# leak into the first step (the U-Net's schedule needed care for that, above).
+SD3_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "shift": 1.0}
+
 
 def build_components(seed: int = 0) -> dict:
     """Untrained components; the training script fills them in."""
@@ -59,6 +79,28 @@ def build_components(seed: int = 0) -> dict:
         "text_encoder": CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG)),
         "tokenizer": tokenizer,
         "scheduler": diffusers.DDIMScheduler(**SCHEDULER_CONFIG),
+    }
+
+
+def build_sd3_components(seed: int = 0) -> dict:
+    """Untrained shapes-sd3 transformer, text encoders, tokenizers and scheduler (the VAE is the shapes model's,
+    with SD 3's shift_factor: see build_scripts/train_shapes_sd3.py)."""
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .data import vocabulary
+    from .tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(vocabulary())
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), **SD3_TEXT_CONFIG)
+    return {
+        "transformer": diffusers.SD3Transformer2DModel(**SD3_TRANSFORMER_CONFIG),
+        "text_encoder": CLIPTextModelWithProjection(text_config),
+        "text_encoder_2": CLIPTextModelWithProjection(text_config),
+        "tokenizer": tokenizer, "tokenizer_2": build_tokenizer(vocabulary()),
+        "text_encoder_3": None, "tokenizer_3": None,
+        "scheduler": diffusers.FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
     }
 
 
