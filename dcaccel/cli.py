@@ -6,8 +6,8 @@ serve     an HTTP server on Ray Serve: batched requests into the built engines
 bench     the benchmark matrix and sweep (see benchmarks/README.md)
 
 A model is a local diffusers pipeline directory, the embedded trained `shapes` model (the default: a small
-SD-shaped pipeline trained on CPU to draw coloured shapes, 32x32, see dcaccel/shapes), or the name of an embedded
-architecture (tiny, tiny-xl, sd15, sd21, sdxl): those are built from configs in dcaccel/configs with random
+SD-shaped pipeline trained on CPU to draw coloured shapes, 32x32, see dcaccel/shapes) or `shapes-sd3` (the same
+task on SD 3's architecture), or the name of an embedded architecture (tiny, tiny-xl, sd15, sd21, sdxl): those are built from configs in dcaccel/configs with random
 weights, so they need no download and are untrained: their images are noise-like, their timings are those of the
 real architecture.
 """
@@ -116,7 +116,7 @@ def _missing(message: str) -> int:
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"local diffusers pipeline directory, the embedded trained model (shapes), or an "
+                   help=f"local diffusers pipeline directory, an embedded trained model (shapes, shapes-sd3), or an "
                         f"embedded architecture with random weights (tiny, tiny-xl, sd15, sd21, sdxl; "
                         f"default {DEFAULT_MODEL})")
     p.add_argument("--height", type=int,
@@ -127,7 +127,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--interval", type=int, default=3, help="full U-Net every N evaluations (1 = off; default 3)")
+    p.add_argument("--interval", type=int, help="full denoiser every N evaluations (1 = off; default: the model "
+                                                   "family's, 3 for U-Nets, see README for SD 3)")
     add_cut_arguments(p)
     p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit"), default="uniform")
     p.add_argument("--center", type=int, help="nonuniform: the step full steps gather around")
@@ -211,9 +212,19 @@ def model_label(model: str) -> str:
 
     if model == "shapes":
         return "embedded shapes model (trained on CPU on drawn coloured shapes, 32x32; see dcaccel/shapes)"
+    if model == "shapes-sd3":
+        return ("embedded shapes-sd3 model (SD 3 architecture, 6 MMDiT blocks, trained on CPU on drawn coloured "
+                "shapes, 32x32; see dcaccel/shapes)")
     if model in ARCHITECTURES:
         return f"embedded {model} architecture with RANDOM weights (untrained: the image is noise, timings are real)"
     return f"local pipeline {os.path.abspath(model)}"
+
+
+def is_shapes_model(model: str) -> bool:
+    """The embedded trained models draw the shapes captions: their prompts, guidance 4, and the scorer."""
+    from .models import TRAINED
+
+    return model in TRAINED
 
 
 def check_model_arguments(args) -> None:
@@ -352,7 +363,7 @@ def generate(args) -> int:
     _set_threads(args.threads)
     task = "inpaint" if args.mask else "img2img" if args.image else "text2img"
     config = cache_config(args)
-    if args.model == "shapes":
+    if is_shapes_model(args.model):
         from . import shapes
 
         args.prompt = args.prompt or shapes.DEFAULT_PROMPT
@@ -424,7 +435,8 @@ def generate(args) -> int:
     out = Path(args.output)
     save_image(image, out)
     n_full, n_shallow = len(stats.full_steps), len(stats.shallow_steps)
-    print(f"DeepCache {args.backend} (interval {args.interval}, {state.family.cut_text(state.cut)}, {args.schedule}): "
+    print(f"DeepCache {args.backend} (interval {state.config.interval}, {state.family.cut_text(state.cut)}, "
+          f"{args.schedule}): "
           f"{n_full} full + {n_shallow} shallow {label} evaluations")
     print(f"  {label} loop {stats.denoiser_seconds:.2f} s, total {total:.2f} s -> {out}")
     if baseline:
@@ -436,7 +448,7 @@ def generate(args) -> int:
         print(f"  {label} loop {base_denoiser:.2f} s, total {base_total:.2f} s -> {base_out}")
         print(f"speedup: {label} loop {base_denoiser / stats.denoiser_seconds:.2f}x, total {base_total / total:.2f}x")
         print(f"image difference to baseline: PSNR {psnr:.2f} dB, max |diff| {max_diff} of 255")
-    if args.model == "shapes":
+    if is_shapes_model(args.model):
         report_shapes_reading(args.prompt, {"DeepCache": image, **({"baseline": baseline[0]} if baseline else {})})
     return 0
 
@@ -530,7 +542,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-dir", action="append", default=[],
                    help="built engines (one per resolution, repeatable; built for --batch = --max-batch); without "
                         "one a static backend builds for the model's default size at start-up")
-    p.add_argument("--interval", type=int, default=3, help="DeepCache interval (default 3)")
+    p.add_argument("--interval", type=int, help="DeepCache interval (default: the model family's)")
     add_cut_arguments(p)
     p.add_argument("--no-cache", action="store_true", help="serve without DeepCache")
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (default 1)")

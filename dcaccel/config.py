@@ -69,7 +69,8 @@ def _int_tuple(name: str, values) -> tuple[int, ...]:
 class DeepCacheConfig:
     """Which denoiser evaluations run the full graph, and where the denoiser is cut.
 
-    interval:   run the full graph every `interval` evaluations (1 = never cache).
+    interval:   run the full graph every `interval` evaluations (1 = never cache; None, the default: the model
+                family's default, 3 for U-Nets and DEFAULT_INTERVAL in families/mmdit.py for SD 3 transformers).
     branch:     U-Nets: the skip branch, numbered as the reference's `cache_branch_id` (0 = shallowest,
                 fastest; the default).
     head_blocks, tail_blocks: transformers (SD 3.x MMDiT): the first and last blocks that run on a cached step
@@ -83,7 +84,7 @@ class DeepCacheConfig:
                 U-Net reads; the default, same output). False runs them whole on every step.
     """
 
-    interval: int = 3
+    interval: int | None = None
     branch: int | None = None
     head_blocks: int | None = None
     tail_blocks: int | None = None
@@ -99,7 +100,8 @@ class DeepCacheConfig:
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         if not isinstance(self.cut_controlnet, bool):
             raise ValueError(f"cut_controlnet must be True or False, got {self.cut_controlnet!r}")
-        put("interval", check_int("interval", self.interval, 1))
+        if self.interval is not None:
+            put("interval", check_int("interval", self.interval, 1))
         for name in ("branch", "head_blocks", "tail_blocks", "center", "cache_end"):
             if getattr(self, name) is not None:
                 put(name, check_int(name, getattr(self, name), 0))

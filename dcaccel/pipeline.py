@@ -194,6 +194,7 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
     family = family_of_pipeline(pipe)
+    config = family.resolve_config(config)
     if enabled_state(pipe) is not None:
         raise RuntimeError("DeepCache is already enabled on this pipeline; call dcaccel.disable(pipe) first")
     denoiser = getattr(pipe, family.denoiser_attr)
@@ -209,6 +210,7 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
     A runner kept from an earlier attach may be attached again (the benchmark does, to interleave backends
     without rebuilding them); the weights check at each call still guards it."""
     family = family_of_pipeline(pipe)
+    config = family.resolve_config(config)
     if enabled_state(pipe) is not None:
         raise RuntimeError("DeepCache is already enabled on this pipeline; call dcaccel.disable(pipe) first")
     denoiser = getattr(pipe, family.denoiser_attr)

@@ -102,3 +102,17 @@ def test_numpy_integers_are_integers():
     assert cfg.interval == 3 and type(cfg.interval) is int and cfg.full_steps == (0, 4)
     assert all(type(s) is int for s in cfg.full_steps)
     assert full_steps(cfg, 6) == [0, 4]
+
+
+def test_the_default_interval_is_the_model_familys():
+    from dcaccel.families import get_family
+    from dcaccel.families.mmdit import DEFAULT_INTERVAL
+
+    assert DeepCacheConfig().interval is None
+    with pytest.raises(ValueError, match="interval is None .*resolve_config"):
+        full_steps(DeepCacheConfig(), 10)
+    assert get_family("unet").resolve_config(DeepCacheConfig()).interval == 3
+    assert get_family("mmdit").resolve_config(DeepCacheConfig(head_blocks=2)) == DeepCacheConfig(
+        interval=DEFAULT_INTERVAL, head_blocks=2)
+    given = DeepCacheConfig(interval=5)
+    assert get_family("mmdit").resolve_config(given) is given

@@ -16,6 +16,15 @@ class Family:
     denoiser_attr: str           # the pipeline attribute the step loop stands in for ("unet", "transformer")
     pipelines: tuple[str, ...]   # diffusers pipeline class names
     cut_fields: tuple[str, ...]  # the DeepCacheConfig/BuildConfig fields that say where the model is cut
+    default_interval: int = 3    # DeepCacheConfig(interval=None) on this family
+
+    def resolve_config(self, config: DeepCacheConfig) -> DeepCacheConfig:
+        """`config` with the family's default interval filled in (the cut is resolve_cut's)."""
+        if config.interval is not None:
+            return config
+        import dataclasses
+
+        return dataclasses.replace(config, interval=self.default_interval)
 
     def matches(self, denoiser) -> bool:
         raise NotImplementedError

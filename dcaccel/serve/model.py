@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..models import TRAINED
 from .request import Limits
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class ServeSettings:
     model: str = "shapes"
     backend: str = "eager"
     engine_dirs: list[str] = field(default_factory=list)
-    interval: int = 3
+    interval: int | None = None  # None: the model family's default
     branch: int | None = None
     head_blocks: int | None = None
     tail_blocks: int | None = None
@@ -120,7 +121,7 @@ class ModelServer:
         logger.info("model %s ready in %.1f s", s.model, self.load_seconds)
 
     def _defaults(self) -> tuple[float, int]:
-        if self.settings.model == "shapes":
+        if self.settings.model in TRAINED:  # the shapes models
             from .. import shapes
 
             return float(shapes.GUIDANCE_SCALE), 20
@@ -177,7 +178,8 @@ class ModelServer:
         return {"model": s.model, "family": self.family.name, "backend": s.backend,
                 "engines": [{"height": h, "width": w, "batch": s.max_batch, "cfg": self.cfg}
                             for h, w in (self.sizes or [])] or "any size (eager)",
-                "deepcache": "off" if s.no_cache else {"interval": s.interval, **cut},
+                "deepcache": "off" if s.no_cache else {"interval": self.family.resolve_config(self.config).interval,
+                                                       **cut},
                 "defaults": {"height": self.default_size, "width": self.default_size, "steps": self.default_steps,
                              "guidance": self.default_guidance},
                 "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "device": s.device, "dtype": s.dtype}
