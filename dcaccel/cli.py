@@ -142,7 +142,7 @@ def add_cut_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branch", type=int, help="U-Nets: the skip branch the graphs are cut at, 0 = shallowest and "
                                               "fastest (default 0)")
     p.add_argument("--head-blocks", type=int, help="SD 3.x transformers: the first blocks that run on a cached step "
-                                                   "(default 1)")
+                                                   "(default 0)")
     p.add_argument("--tail-blocks", type=int, help="SD 3.x transformers: the last blocks that run on a cached step "
                                                    "(default 1)")
 
@@ -536,8 +536,8 @@ def build(args) -> int:
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"shapes, a local pipeline directory or an embedded "
-                                                          f"architecture (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"shapes, shapes-sd3, a local pipeline directory or an "
+                                                          f"embedded architecture (default {DEFAULT_MODEL})")
     p.add_argument("--backend", default="eager", help="eager, torch_compile, onnxruntime or tensorrt")
     p.add_argument("--engine-dir", action="append", default=[],
                    help="built engines (one per resolution, repeatable; built for --batch = --max-batch); without "

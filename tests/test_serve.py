@@ -93,7 +93,7 @@ def test_health_and_models(batched):
     status, _, body = _request(batched + "/v1/models")
     info = json.loads(body)["models"][0]
     assert status == 200 and info["model"] == "shapes" and info["family"] == "unet" and info["backend"] == "eager"
-    assert info["deepcache"] == {"interval": 3} and info["max_batch"] == 4
+    assert info["deepcache"] == {"interval": 3, "branch": 0} and info["max_batch"] == 4  # defaults filled in
     assert info["defaults"] == {"height": 32, "width": 32, "steps": 20, "guidance": 4.0}
 
 

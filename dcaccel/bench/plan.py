@@ -84,6 +84,8 @@ def plan(backends, settings: list[DeepCacheConfig], no_cache: DeepCacheConfig, f
                         why = f"not run: the {module} package is not installed ({install})"
                     elif c.schedule != "uniform":
                         why = "not run: the peer is compared on the uniform schedule only"
+                    elif peer.startswith("cache-dit") and c.head_blocks == 0:
+                        why = "not run: cache-dit needs head_blocks >= 1 (Fn_compute_blocks)"
                     elif not c.cut_controlnet:
                         continue  # the peer runs the whole ControlNet anyway: one row per setting
                     cases.append(Case("reference", "torch_compile" if peer.endswith("compile") else "eager", c,

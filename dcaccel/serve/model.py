@@ -110,6 +110,9 @@ class ModelServer:
         self.default_guidance, self.default_steps = self._defaults()
         self.config = DeepCacheConfig(interval=1 if s.no_cache else s.interval, branch=s.branch,
                                       head_blocks=s.head_blocks, tail_blocks=s.tail_blocks)
+        # what /v1/models reports: the interval and cut with the family's defaults filled in
+        self.resolved = {"interval": self.family.resolve_config(self.config).interval,
+                         **self.family.resolve_cut(self.family.denoiser(self.pipe), self.config)}
         self.runners = {}  # (height, width) -> (runner, info) for static backends
         self.cfg = self.default_guidance > 1
         if s.backend == "eager":
@@ -173,13 +176,10 @@ class ModelServer:
 
     def describe(self) -> dict:
         s = self.settings
-        cut = {k: v for k, v in (("branch", s.branch), ("head_blocks", s.head_blocks),
-                                 ("tail_blocks", s.tail_blocks)) if v is not None}
         return {"model": s.model, "family": self.family.name, "backend": s.backend,
                 "engines": [{"height": h, "width": w, "batch": s.max_batch, "cfg": self.cfg}
                             for h, w in (self.sizes or [])] or "any size (eager)",
-                "deepcache": "off" if s.no_cache else {"interval": self.family.resolve_config(self.config).interval,
-                                                       **cut},
+                "deepcache": "off" if s.no_cache else self.resolved,
                 "defaults": {"height": self.default_size, "width": self.default_size, "steps": self.default_steps,
                              "guidance": self.default_guidance},
                 "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms, "device": s.device, "dtype": s.dtype}
