@@ -118,8 +118,12 @@ def _interrupt_when(args, ready, tmp_path):
     import threading
     import time
 
+    # SIGINT back to its default in the child, as in a terminal: a test run started in the background of a
+    # non-interactive shell ignores SIGINT, the children inherit that, and Python then never raises
+    # KeyboardInterrupt (the build ran to the end and exited 0)
     proc = subprocess.Popen([sys.executable, "-m", "dcaccel.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
