@@ -125,7 +125,8 @@ class BlockCounter:
 
     def __init__(self, transformer):
         self.calls = [0] * len(transformer.transformer_blocks)
-        self.handles = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(transformer.transformer_blocks)]
+        blocks = transformer.transformer_blocks
+        self.handles = [b.register_forward_pre_hook(self._hook(i)) for i, b in enumerate(blocks)]
 
     def _hook(self, i):
         def hook(module, args):

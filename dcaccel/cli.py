@@ -7,9 +7,9 @@ bench     the benchmark matrix and sweep (see benchmarks/README.md)
 
 A model is a local diffusers pipeline directory, the embedded trained `shapes` model (the default: a small
 SD-shaped pipeline trained on CPU to draw coloured shapes, 32x32, see dcaccel/shapes) or `shapes-sd3` (the same
-task on SD 3's architecture), or the name of an embedded architecture (tiny, tiny-xl, sd15, sd21, sdxl): those are built from configs in dcaccel/configs with random
-weights, so they need no download and are untrained: their images are noise-like, their timings are those of the
-real architecture.
+task on SD 3's architecture), or the name of an embedded architecture (tiny, tiny-xl, sd15, sd21, sdxl): those
+are built from configs in dcaccel/configs with random weights, so they need no download and are untrained: their
+images are noise-like, their timings are those of the real architecture.
 """
 
 from __future__ import annotations

@@ -100,7 +100,8 @@ def _check_margin(scorer, scenes, base, cached, accuracy_margin):
     ref = Reference(scorer, scenes)
     base_m, cached_m = ref.metrics(base), ref.metrics(cached, base)
     print(f"{len(scenes)} images: no cache {base_m['prompt_accuracy']:.1%} FID {base_m['fid_scorer']:.2f}; default "
-          f"{cached_m['prompt_accuracy']:.1%} FID {cached_m['fid_scorer']:.2f} PSNR {cached_m['psnr_to_baseline_db']:.1f}")
+          f"{cached_m['prompt_accuracy']:.1%} FID {cached_m['fid_scorer']:.2f} "
+          f"PSNR {cached_m['psnr_to_baseline_db']:.1f}")
     assert (cached - base).abs().max() > 1e-3  # the cache changed the images, so the margin means something
     assert cached_m["prompt_accuracy"] >= base_m["prompt_accuracy"] - accuracy_margin
     assert cached_m["fid_scorer"] <= base_m["fid_scorer"] * (1 + quality_sd3.PAPER_FID_MARGIN)
@@ -183,7 +184,8 @@ def test_sweep_counts_blocks_and_times_rows_side_by_side(shipped):
             quality_sd3.Row("ours", "dcaccel DeepCache", {"interval": 2, "head_blocks": 1, "tail_blocks": 1})]
     rows.append(quality_sd3.Row("DBCache", "cache-dit DBCache", {"Fn": 1, "Bn": 1, "warmup": 1, "threshold": 0.5}))
     scenes = data.all_scenes()[:2]
-    records, meta, images = quality_sd3.sweep(pipe, scorer, rows, seeds=1, steps=4, guidance=4.0, batch=1, scenes=scenes)
+    records, meta, images = quality_sd3.sweep(pipe, scorer, rows, seeds=1, steps=4, guidance=4.0, batch=1,
+                                              scenes=scenes)
     assert [r["setting"] for r in records] == [r.label for r in rows] and meta["rounds"] == 2
     plain = pipeline_images(pipe, scenes, seed=10_000, steps=4, batch=1)
     assert records[0]["flop_bound"] == 1.0 and records[0]["speedup_rounds"] == [1.0, 1.0]
