@@ -116,6 +116,7 @@ def test_deepcache_on_lcm_stays_within_the_measured_margin(lcm_runs, reference, 
     assert b["fid_scorer"] <= a["fid_scorer"] * fid_ratio
 
 
+@pytest.mark.slow  # the training tooling, not the product: 15-20 s each, run with --runslow
 def test_distillation_script_runs_resumes_and_writes_a_loadable_lora(tmp_path):
     import subprocess
 

@@ -153,6 +153,7 @@ def test_generate_default_is_the_shapes_model(tmp_path, capsys):
     assert out.exists() and out.with_name("img-baseline.png").exists()
 
 
+@pytest.mark.slow  # the training tooling, not the product: 15-20 s each, run with --runslow
 def test_training_script_runs_and_resumes(tmp_path):
     """A few steps of every stage, exported and loaded; a rerun with more U-Net steps continues the checkpoint."""
     work, out = tmp_path / "work", tmp_path / "out"
