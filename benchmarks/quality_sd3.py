@@ -4,7 +4,7 @@ setting, prompt accuracy, held-out-combination accuracy, FID (scorer) and PSNR t
 the transformer loop measured in the same run and the FLOP bound of what the setting actually ran.
 
 Rows: dcaccel's DeepCache for every interval x head x tail; cache-dit 1.5.3's DBCache with dynamic residual
-thresholds, DBCache with its TaylorSeer and FoCa calibrators, DBPrune (dynamic block pruning), and DBCache with
+thresholds, DBCache with its TaylorSeer, FoCa and DMD calibrators, DBPrune (dynamic block pruning), and DBCache with
 static step masks (cache-dit's steps_mask presets). Every row draws the same images (scene, seed) with the same
 initial noise. The images go in batches; each batch is one round in which every row runs once, in an order
 rotated from round to round, so speed ratios are measured side by side (median of the per-round ratios).
@@ -13,7 +13,7 @@ cache-dit decides per batch (one residual difference for the whole batch), and s
 FLOP bound: forward hooks count the block calls each row made; FLOPs of every block and of the rest of the
 transformer are counted once (FlopCounterMode), and the bound is the no-cache FLOPs over the row's FLOPs.
 
-    python benchmarks/quality_sd3.py                       # the whole sweep (about 30 min on 2 cores)
+    python benchmarks/quality_sd3.py                       # the whole sweep (about 50 min on 2 cores)
     python benchmarks/quality_sd3.py --seeds 1 --quick     # a few rows, for a try
 """
 
@@ -71,8 +71,8 @@ class Row:
 
 def cache_dit_options(row: Row) -> dict:
     """cache_dit.enable_cache keyword arguments for a cache-dit row (cache-dit 1.5.3's config classes)."""
-    from cache_dit import (DBCacheConfig, DBPruneConfig, FoCaCalibratorConfig, TaylorSeerCalibratorConfig,
-                           steps_mask)
+    from cache_dit import (DBCacheConfig, DBPruneConfig, DMDCalibratorConfig, FoCaCalibratorConfig,
+                           TaylorSeerCalibratorConfig, steps_mask)
 
     p = dict(row.params)
     common = {"Fn_compute_blocks": p.pop("Fn"), "Bn_compute_blocks": p.pop("Bn"),
@@ -91,6 +91,8 @@ def cache_dit_options(row: Row) -> dict:
         out["calibrator_config"] = TaylorSeerCalibratorConfig(taylorseer_order=1)
     elif calibrator == "foca":
         out["calibrator_config"] = FoCaCalibratorConfig()
+    elif calibrator == "dmd":
+        out["calibrator_config"] = DMDCalibratorConfig()
     return out
 
 
@@ -112,6 +114,8 @@ def default_rows(steps: int, quick: bool = False) -> list[Row]:
     if not quick:
         rows.append(Row("DBCache+FoCa F1B1 R=0.24", "cache-dit DBCache+FoCa",
                         {**base, "threshold": 0.24, "calibrator": "foca"}))
+        rows.append(Row("DBCache+DMD F1B1 R=0.24", "cache-dit DBCache+DMD",
+                        {**base, "threshold": 0.24, "calibrator": "dmd"}))
         for r in (0.04, 0.08, 0.16):
             rows.append(Row(f"DBPrune F1B1 R={r}", "cache-dit DBPrune", {**base, "threshold": r}))
         for policy in ("slow", "medium", "fast"):
