@@ -13,7 +13,7 @@ cache-dit decides per batch (one residual difference for the whole batch), and s
 FLOP bound: forward hooks count the block calls each row made; FLOPs of every block and of the rest of the
 transformer are counted once (FlopCounterMode), and the bound is the no-cache FLOPs over the row's FLOPs.
 
-    python benchmarks/quality_sd3.py                       # the whole sweep (about 50 min on 2 cores)
+    python benchmarks/quality_sd3.py                       # the whole sweep (about 40 min on 2 cores)
     python benchmarks/quality_sd3.py --seeds 1 --quick     # a few rows, for a try
 """
 

@@ -14,9 +14,10 @@ images and held-out combinations are the same. Resumable like train_shapes.py: t
 --work-dir (written to a temporary name and renamed) and a rerun continues; other options are refused. The shipped
 weights are the EMA weights at the last step; shapes.json records the options and the checks of the run.
 
-The pipeline's 256 zero T5 tokens were 272 of the 336 tokens of a training step. Training runs them as one token
-whose attention logit is raised by log(256) (CollapsedZerosAttention: the same function, checked against the
-pipeline's 272 tokens in tests/test_shapes_sd3.py), about 4x faster: 0.25 s a step instead of 1.1 on 2 cores.
+The context (16 CLIP tokens and the pipeline's 256 zero T5 tokens) was 272 of a step's 336 tokens. Training runs the
+zero tokens as one token whose attention logit is raised by log(256) (CollapsedZerosAttention: the same function,
+checked against the pipeline's 272 tokens in tests/test_shapes_sd3.py), about 4x faster: 0.25-0.28 s a step instead
+of 1.1 on 2 cores.
 
 The shipped weights are this script's defaults run from scratch (2026-11-25: 12000 steps of batch 64, 59 min on
 2 cores). Prompt accuracy on the 60-prompt check: 58% at step 1000, 88% at 2000, 97% at 3000, 98% at 4000 and
