@@ -5,6 +5,7 @@ and schedule. Writes results.jsonl and results.md to benchmarks/results/<date>-s
 
     python benchmarks/quality.py                 # the default sweep (14 settings + no DeepCache, 3 seeds per scene)
     python benchmarks/quality.py --seeds 1 --repeats 1 --settings 3:0 5:0
+    python benchmarks/quality.py --model DIR --scorer shapes   # a model trained elsewhere, judged by the shipped scorer
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="shapes", help="the shapes model, or a local directory of one")
+    p.add_argument("--scorer", help="whose scorer judges the images: shapes (the shipped one) or a model "
+                                    "directory with scorer/ (default: the one beside --model); one scorer for two "
+                                    "models makes their numbers comparable")
     p.add_argument("--settings", nargs="+", type=parse_setting, help="N:B[:schedule] (default: 14 settings)")
     p.add_argument("--seeds", type=int, default=3, help="images per scene (default 3: 360 images)")
     p.add_argument("--steps", type=int, default=20)
@@ -51,16 +55,22 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    scorer_model = args.scorer or args.model
+    if scorer_model != "shapes" and not os.path.isfile(os.path.join(scorer_model, "scorer", "model.safetensors")):
+        p.error(f"no scorer in {scorer_model!r}: expected shapes or a directory with scorer/model.safetensors "
+                f"(build_scripts/train_shapes.py writes one)")
     pipe = load_pipeline(args.model)
-    scorer = shapes.load_scorer(None if args.model == "shapes" else args.model)
+    scorer = shapes.load_scorer(None if scorer_model == "shapes" else scorer_model)
     records, meta = quality_sweep(pipe, scorer, args.settings or DEFAULT_SETTINGS, seeds=args.seeds,
                                   steps=args.steps, repeats=args.repeats)
+    meta.update(model=args.model, scorer=scorer_model)
     now = datetime.now(timezone.utc)
     out = args.out or REPO / "benchmarks" / "results" / f"{now:%Y-%m-%d}-shapes-quality"
     machine = machine_text(args.threads)
     header = (f"# DeepCache quality on the shapes model\n\nMeasured {now:%Y-%m-%d %H:%M} UTC on {machine}: "
               f"`python benchmarks/quality.py {' '.join(argv or sys.argv[1:])}`, DDIM {args.steps} steps, "
-              f"guidance {records[0]['guidance']}, {records[0]['images']} images per setting, eager backend.")
+              f"guidance {records[0]['guidance']}, {records[0]['images']} images per setting, eager backend; "
+              f"model {args.model}, judged by the scorer of {scorer_model}.")
     write_results(out, records, meta, markdown(records, meta, header), now, machine)
     print(markdown(records, meta, header))
     print(f"wrote {out / 'results.md'} and results.jsonl")

@@ -140,7 +140,8 @@ def trained_model_dir(name: str) -> str:
     path = str(resources.files("dcaccel").joinpath("weights", name))
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"the embedded {name!r} weights are missing from {path}: reinstall dcaccel, or "
-                                f"train them with build_scripts/{TRAINING_SCRIPTS.get(name, 'train_shapes.py')}")
+                                f"train them with build_scripts/{TRAINING_SCRIPTS.get(name, 'train_shapes.py')} "
+                                f"--out {path}")
     return path
 
 

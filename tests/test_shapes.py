@@ -209,7 +209,23 @@ def test_quality_sweep_records_accuracy_fid_and_speed_per_setting(shipped, tmp_p
 @pytest.mark.slow
 def test_quality_script_writes_results(tmp_path):
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--settings", "3:0", "--seeds", "1",
-                    "--repeats", "1", "--steps", "5", "--out", str(tmp_path)], check=True, capture_output=True)
+                    "--repeats", "1", "--steps", "5", "--scorer", "shapes", "--out", str(tmp_path)],
+                   check=True, capture_output=True)
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     assert [json.loads(line)["setting"] for line in lines] == ["no DeepCache", "N=3 B=0 uniform"]
+    assert {json.loads(line)["scorer"] for line in lines} == {"shapes"}
     assert "| N=3 B=0 uniform |" in (tmp_path / "results.md").read_text()
+
+
+def test_quality_script_refuses_a_directory_without_a_scorer(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--scorer", str(tmp_path),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert run.returncode == 2 and "no scorer in" in run.stderr and "scorer/model.safetensors" in run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_script_exports_beside_the_shipped_model_by_default():
+    # its defaults do not reproduce the shipped model's FID, so a plain run must not replace it
+    run = subprocess.run([sys.executable, str(REPO / "build_scripts" / "train_shapes.py"), "--help"],
+                         capture_output=True, text=True, check=True)
+    assert str(REPO / ".train" / "shapes-out") in run.stdout and "dcaccel/weights/shapes)" in run.stdout
