@@ -2,6 +2,7 @@
 on it. The shipped weights are loaded with `from_pretrained` from the package directory, as a user would."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -227,5 +228,6 @@ def test_quality_script_refuses_a_directory_without_a_scorer(tmp_path):
 def test_training_script_exports_beside_the_shipped_model_by_default():
     # its defaults do not reproduce the shipped model's FID, so a plain run must not replace it
     run = subprocess.run([sys.executable, str(REPO / "build_scripts" / "train_shapes.py"), "--help"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "COLUMNS": "1000"})  # argparse would break a long path across lines
     assert str(REPO / ".train" / "shapes-out") in run.stdout and "dcaccel/weights/shapes)" in run.stdout
