@@ -56,11 +56,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     scorer_model = args.scorer or args.model
-    if scorer_model != "shapes" and not os.path.isfile(os.path.join(scorer_model, "scorer", "model.safetensors")):
-        p.error(f"no scorer in {scorer_model!r}: expected shapes or a directory with scorer/model.safetensors "
-                f"(build_scripts/train_shapes.py writes one)")
+    try:  # before the pipeline: a wrong directory is refused at once
+        scorer = shapes.load_scorer(None if scorer_model == "shapes" else scorer_model)
+    except FileNotFoundError as e:
+        p.error(str(e))
     pipe = load_pipeline(args.model)
-    scorer = shapes.load_scorer(None if scorer_model == "shapes" else scorer_model)
     records, meta = quality_sweep(pipe, scorer, args.settings or DEFAULT_SETTINGS, seeds=args.seeds,
                                   steps=args.steps, repeats=args.repeats)
     meta.update(model=args.model, scorer=scorer_model)

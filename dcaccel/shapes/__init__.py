@@ -35,8 +35,12 @@ def load_scorer(model_dir: str | None = None):
     from .model import Scorer
 
     model_dir = model_dir or trained_model_dir("shapes")
+    path = os.path.join(model_dir, "scorer", "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no scorer in {model_dir!r}: expected scorer/model.safetensors there, as "
+                                f"build_scripts/train_shapes.py writes it (or use the shipped shapes model's)")
     scorer = Scorer()
-    state = load_file(os.path.join(model_dir, "scorer", "model.safetensors"))
+    state = load_file(path)
     scorer.load_state_dict({k: v.float() for k, v in state.items()})
     return scorer.eval()
 
