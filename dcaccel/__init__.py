@@ -9,6 +9,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "BuildConfig": "config", "DeepCacheConfig": "config",
+    "Calibration": "calibration", "calibrate": "calibration",
     "FullUNet": "families.unet", "ShallowUNet": "families.unet", "num_branches": "families.unet",
     "split_unet": "families.unet",
     "disable": "pipeline", "enable": "pipeline", "enabled_state": "pipeline", "is_enabled": "pipeline",

@@ -1,6 +1,7 @@
 """`dcaccel generate | build | serve | bench`: the command line.
 
 generate  one image with DeepCache (optionally against the plain pipeline: --baseline)
+calibrate choose the full steps offline for a model, scheduler, step count and guidance: a calibration file
 build     the full and shallow graphs of a model, offline, into engines/<model>/<key>/ (also build_scripts/build.py)
 serve     an HTTP server on Ray Serve: batched requests into the built engines
 bench     the benchmark matrix and sweep (see benchmarks/README.md)
@@ -24,6 +25,12 @@ from pathlib import Path
 
 DEFAULT_MODEL = "shapes"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse"  # for other models than shapes
+CALIBRATION_PROMPTS = (  # `dcaccel calibrate` on a model other than the shapes ones, without --prompts
+    "a photograph of an astronaut riding a horse", "a watercolor painting of a lighthouse on a cliff at dusk",
+    "a close-up portrait of an old fisherman, studio lighting", "a bowl of ramen on a wooden table, top view",
+    "a futuristic city skyline at night with neon lights", "a red fox in a snowy forest, wildlife photography",
+    "an isometric illustration of a cozy library", "a vintage car parked on a cobblestone street in the rain",
+)
 DEFAULT_GUIDANCE = 7.5
 SD3_GUIDANCE = 7.0
 SCHEDULERS = {
@@ -90,6 +97,28 @@ def _parser() -> argparse.ArgumentParser:
                           "and the image difference; saves <output>-baseline.png")
     gen.set_defaults(func=generate)
 
+    cal = sub.add_parser("calibrate", help="calibrate the full-step schedule of a model (a calibration file)",
+                         description=calibrate.__doc__)
+    add_model_arguments(cal)
+    cal.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    cal.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale (default 4 for shapes, 7 for SD 3.x, else 7.5)")
+    cal.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="U-Nets: replace the model's scheduler first")
+    add_cut_arguments(cal)
+    cal.add_argument("--prompts", help="a text file, one prompt per line (default: the shapes models' calibration "
+                                       "captions, else 8 built-in prompts)")
+    cal.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+    cal.add_argument("--batch", type=int, help="prompts per pipeline call (default: all)")
+    cal.add_argument("--max-gap", type=int, help="longest run of cached steps (default: half the steps)")
+    cal.add_argument("--refine", type=int, default=0,
+                     help="rounds of local search per budget (default 0; each costs about 2 x budget real calls)")
+    cal.add_argument("--no-sensitivity", action="store_true",
+                     help="skip the per-step sensitivity calls (cheaper by one uncached call per step, worse "
+                          "schedules: see README)")
+    cal.add_argument("--threads", type=int, help="torch threads")
+    cal.add_argument("--out", "-o", required=True, help="the calibration file to write (JSON)")
+    cal.set_defaults(func=calibrate)
+
     bld = sub.add_parser("build", help="build engines offline", description=build.__doc__)
     add_build_arguments(bld)
     bld.set_defaults(func=build)
@@ -130,10 +159,23 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, help="full denoiser every N evaluations (1 = off; default: the model "
                                                    "family's, 3 for U-Nets, see README for SD 3)")
     add_cut_arguments(p)
-    p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit"), default="uniform")
+    p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit", "calibrated"),
+                   help="default uniform; calibrated with --calibration (the default for shapes and shapes-sd3, "
+                        "whose calibrations are shipped, when no --interval is given)")
     p.add_argument("--center", type=int, help="nonuniform: the step full steps gather around")
     p.add_argument("--power", type=float, default=1.4, help="nonuniform: shape of the schedule (default 1.4)")
     p.add_argument("--full-steps", type=_int_list, help="explicit: comma-separated full evaluations, e.g. 0,4,9")
+    p.add_argument("--calibration", help="calibrated schedule: a calibration file (or an engine directory holding "
+                                         "one); implies --schedule calibrated")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--num-full-steps", type=int, help="calibrated: the budget of full evaluations "
+                                                          "(default: the calibration's default budget)")
+    budget.add_argument("--speedup", type=float, help="calibrated: the most full steps whose FLOP bound reaches "
+                                                      "this speedup")
+    p.add_argument("--calibration-fallback", action="store_true",
+                   help="use a calibration made for another step count, guidance or model anyway (rescaled)")
+    p.add_argument("--forecast-order", type=int, default=0,
+                   help="extrapolate the cached feature from the last 2 (1) or 3 (2) full steps (default 0: off)")
     p.add_argument("--cache-start", type=int, default=0, help="cache only from this evaluation on")
     p.add_argument("--cache-end", type=int, help="cache only before this evaluation")
 
@@ -169,6 +211,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refittable", action="store_true",
                    help="TensorRT: refittable engines for LoRA swaps (the option refittable=true)")
     add_option_argument(p)
+    p.add_argument("--calibration", help="a calibration file for this model and cut: checked, and stored in the "
+                                         "engine directory as calibration.json (generate and serve use it)")
     p.add_argument("--force", action="store_true", help="rebuild even if a build with the same key exists")
 
 
@@ -329,12 +373,46 @@ def load_model(args, task: str = "text2img"):
 
 
 def cache_config(args):
+    """The DeepCacheConfig of generate's arguments. A calibration: --calibration, or the shipped one of the shapes
+    models when no schedule and interval are given (their default); an engine directory's calibration.json with
+    --schedule calibrated alone."""
     from .config import DeepCacheConfig
+    from .models import shipped_calibration
 
+    schedule, calibration = args.schedule, args.calibration
+    if calibration is None and schedule == "calibrated" and getattr(args, "engine_dir", None):
+        calibration = args.engine_dir
+    if calibration is None and schedule is None and args.interval is None and args.full_steps is None:
+        calibration = shipped_calibration(args.model)
+        if calibration is not None and not _cut_matches(args, calibration):
+            calibration = None  # another cut than the shipped calibration's: today's default schedule
+    if calibration is not None:
+        if schedule not in (None, "calibrated"):
+            raise ValueError(f"--calibration is a calibrated schedule; --schedule {schedule} is another one")
+        if args.interval is not None:
+            raise ValueError("--interval does not apply to a calibrated schedule (--num-full-steps or --speedup "
+                             "choose its budget)")
+        schedule = "calibrated"
+    elif schedule == "calibrated":
+        raise ValueError("--schedule calibrated needs --calibration FILE (from `dcaccel calibrate`)")
+    elif args.num_full_steps is not None or args.speedup is not None or args.calibration_fallback:
+        raise ValueError("--num-full-steps, --speedup and --calibration-fallback need a calibrated schedule "
+                         "(--calibration FILE)")
     return DeepCacheConfig(interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
-                           tail_blocks=args.tail_blocks, schedule=args.schedule, center=args.center,
+                           tail_blocks=args.tail_blocks, schedule=schedule or "uniform", center=args.center,
                            power=args.power, full_steps=args.full_steps, cache_start=args.cache_start,
-                           cache_end=args.cache_end)
+                           cache_end=args.cache_end, calibration=calibration, num_full_steps=args.num_full_steps,
+                           speedup=args.speedup, calibration_fallback=args.calibration_fallback,
+                           forecast_order=args.forecast_order)
+
+
+def _cut_matches(args, calibration) -> bool:
+    """Whether the cut flags given (if any) are those of the calibration file."""
+    from .calibration import Calibration
+
+    cut = Calibration.load(calibration).valid_for["cut"]
+    given = {k: getattr(args, k) for k in ("branch", "head_blocks", "tail_blocks") if getattr(args, k) is not None}
+    return all(cut.get(k) == v for k, v in given.items())
 
 
 def save_image(image, path: Path) -> None:
@@ -435,8 +513,14 @@ def generate(args) -> int:
     out = Path(args.output)
     save_image(image, out)
     n_full, n_shallow = len(stats.full_steps), len(stats.shallow_steps)
-    print(f"DeepCache {args.backend} (interval {state.config.interval}, {state.family.cut_text(state.cut)}, "
-          f"{args.schedule}): "
+    c = state.config
+    if c.schedule == "calibrated":
+        how = (f"calibrated by {c.calibration.path}, {n_full} full steps {stats.full_steps}"
+               + (", forecast order %d" % c.forecast_order if c.forecast_order else ""))
+    else:
+        how = f"interval {c.interval}, {c.schedule}" + (", forecast order %d" % c.forecast_order
+                                                        if c.forecast_order else "")
+    print(f"DeepCache {args.backend} ({how}, {state.family.cut_text(state.cut)}): "
           f"{n_full} full + {n_shallow} shallow {label} evaluations")
     print(f"  {label} loop {stats.denoiser_seconds:.2f} s, total {total:.2f} s -> {out}")
     if baseline:
@@ -488,6 +572,86 @@ def image_difference(a, b) -> tuple[float, int]:
     return psnr, int(np.abs(x - y).max())
 
 
+def calibrate(args) -> int:
+    """Calibrate which denoiser evaluations run the full graph, for one model, scheduler, step count, guidance and
+    cut, against the uncached output on calibration prompts, and write the calibration file (every budget of full
+    steps with its schedule, FLOP bound and error). Use it with `generate --calibration FILE`, `build
+    --calibration FILE` or DeepCacheConfig(schedule="calibrated", calibration=FILE). The file is written under a
+    temporary name and renamed when complete."""
+    import diffusers
+
+    from .calibration import calibrate as run_calibration
+    from .config import DeepCacheConfig
+    from .families import family_of_pipeline
+
+    check_model_arguments(args)
+    _set_threads(args.threads)
+    if not 2 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be an integer in 2..{MAX_STEPS}, got {args.steps}")
+    if args.guidance is not None and not (math.isfinite(args.guidance) and 0 <= args.guidance <= 100):
+        raise ValueError(f"--guidance must be a number in 0..100, got {args.guidance}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give the calibration file's path (e.g. {out}/calibration.json)")
+    if args.prompts:
+        try:
+            prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompts {args.prompts}: cannot read it as text ({e})") from None
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts} holds no prompt (one per line)")
+    elif is_shapes_model(args.model):
+        from .shapes.data import calibration_scenes
+
+        prompts = [s.caption for s in calibration_scenes()]
+    else:
+        prompts = list(CALIBRATION_PROMPTS)
+    if is_shapes_model(args.model) and args.guidance is None:
+        from . import shapes
+
+        args.guidance = shapes.GUIDANCE_SCALE
+    config = DeepCacheConfig(branch=args.branch, head_blocks=args.head_blocks, tail_blocks=args.tail_blocks)
+    print(f"model: {model_label(args.model)}")
+    pipe = load_model(args)
+    family = family_of_pipeline(pipe)
+    if args.scheduler:
+        if family.denoiser_attr != "unet":
+            raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "
+                             f"{type(pipe.scheduler).__name__} (leave --scheduler out)")
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+    check_scheduler_steps(pipe.scheduler, args.steps)
+    if args.guidance is None:
+        args.guidance = SD3_GUIDANCE if family.denoiser_attr == "transformer" else DEFAULT_GUIDANCE
+    call = {}
+    if args.height or args.width:
+        from .models import default_resolution
+
+        size = default_resolution(pipe)
+        call.update(height=args.height or size, width=args.width or size)
+    expected = 1 + (0 if args.no_sensitivity else args.steps - 1) + 2 * (args.steps - 2)
+    start = time.perf_counter()
+    done = 0
+
+    def progress(text: str) -> None:
+        nonlocal done
+        done += 1
+        filled = min(30, round(30 * done / expected))
+        print(f"[{'#' * filled}{'.' * (30 - filled)}] {done}/~{expected} calls, {time.perf_counter() - start:.0f} s: "
+              f"{text}", flush=True)
+
+    print(f"calibrating on {len(prompts)} prompts, {args.steps} steps, guidance {args.guidance}, "
+          f"{type(pipe.scheduler).__name__}")
+    cal = run_calibration(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          config=config, seed=args.seed, batch_size=args.batch, max_gap=args.max_gap,
+                          refine=args.refine, sensitivity=not args.no_sensitivity, progress=progress, **call)
+    cal.save(out)
+    search = cal.data["search"]
+    print(cal.table())
+    print(f"wrote {out}: {family.cut_text(cal.valid_for['cut'])}, {search['real_calls']} pipeline calls = "
+          f"{search['uncached_call_equivalents']} uncached passes over the prompts, {cal.data['run']['seconds']:.0f} s")
+    return 0
+
+
 def build_options(args) -> dict:
     options = dict(_option(o) for o in args.option)
     for flag in ("fp16", "refittable"):
@@ -522,8 +686,21 @@ def build(args) -> int:
                          tail_blocks=args.tail_blocks, backend=args.backend,
                          device=args.device, options=options)
     name = args.name or (args.model if args.model in ARCHITECTURES + TRAINED else Path(args.model).resolve().name)
+    calibration = None
+    if args.calibration:  # checked against this pipeline and cut before anything is built
+        from .calibration import Calibration
+        from .families import family_of_pipeline
+
+        calibration = Calibration.load(args.calibration)
+        family = family_of_pipeline(pipe)
+        model = family.denoiser(pipe)
+        calibration.check_pipeline(pipe, family, model, family.resolve_cut(model, config))
     start = time.perf_counter()
     directory, built = build_engines(pipe, config, out_dir=args.out, model_name=name, force=args.force)
+    if calibration is not None:
+        calibration.save(directory / "calibration.json")
+        print(f"calibration stored: {directory / 'calibration.json'} (budgets {calibration.budgets()[0]}.."
+              f"{calibration.budgets()[-1]}, default {calibration.default_budget} full steps)")
     if not built:
         print(f"up to date: {directory} (same key; --force rebuilds)")
         return 0
@@ -544,6 +721,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "one a static backend builds for the model's default size at start-up")
     p.add_argument("--interval", type=int, help="DeepCache interval (default: the model family's)")
     add_cut_arguments(p)
+    p.add_argument("--calibration", help="a calibration file (default: an --engine-dir's calibration.json, or the "
+                                         "shipped one of shapes/shapes-sd3 when no --interval or cut is given); "
+                                         "requests with other steps or guidance run its steps rescaled")
+    p.add_argument("--num-full-steps", type=int, help="calibrated: the budget of full steps")
+    p.add_argument("--speedup", type=float, help="calibrated: the most full steps whose FLOP bound reaches this")
     p.add_argument("--no-cache", action="store_true", help="serve without DeepCache")
     p.add_argument("--replicas", type=int, default=1, help="generator replicas (default 1)")
     p.add_argument("--max-batch", type=int, default=4, help="requests grouped into one pipeline call (default 4)")
@@ -578,7 +760,8 @@ def serve(args) -> int:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     settings = ServeSettings(model=args.model, backend=args.backend, engine_dirs=args.engine_dir,
                              interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
-                             tail_blocks=args.tail_blocks, no_cache=args.no_cache, replicas=args.replicas,
+                             tail_blocks=args.tail_blocks, no_cache=args.no_cache, calibration=args.calibration,
+                             num_full_steps=args.num_full_steps, speedup=args.speedup, replicas=args.replicas,
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queued=args.max_queued,
                              deadline_s=args.deadline_s, threads=args.threads,
                              cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
@@ -587,6 +770,14 @@ def serve(args) -> int:
 
     DeepCacheConfig(interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
                     tail_blocks=args.tail_blocks)  # the settings' errors before Ray starts
+    if args.calibration:
+        DeepCacheConfig(schedule="calibrated", calibration=args.calibration, num_full_steps=args.num_full_steps,
+                        speedup=args.speedup)
+    elif args.num_full_steps is not None or args.speedup is not None:
+        if not any(os.path.isfile(os.path.join(d, "calibration.json")) for d in args.engine_dir) and not (
+                is_shapes_model(args.model) and args.interval is None):
+            raise ValueError("--num-full-steps and --speedup need a calibration (--calibration FILE, or an "
+                             "--engine-dir built with --calibration)")
     try:
         from .serve import server
     except ImportError as e:

@@ -11,7 +11,8 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field
 
-SCHEDULES = ("uniform", "nonuniform", "explicit")
+SCHEDULES = ("uniform", "nonuniform", "explicit", "calibrated")
+MAX_FORECAST_ORDER = 2  # TaylorSeer-style extrapolation of the cached feature: order 1 or 2
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_POWER = 8.0  # the non-uniform schedule's power law; beyond this every full step sits at the center anyway
 
@@ -76,10 +77,20 @@ class DeepCacheConfig:
     head_blocks, tail_blocks: transformers (SD 3.x MMDiT): the first and last blocks that run on a cached step
                 (the family's defaults when not given).
     schedule:   "uniform" (every `interval`), "nonuniform" (the paper's: full steps denser around `center`,
-                spread by the power law `power`), or "explicit" (exactly the evaluations in `full_steps`).
+                spread by the power law `power`), "explicit" (exactly the evaluations in `full_steps`), or
+                "calibrated" (the full steps a calibration found for a budget: see dcaccel.calibration).
     center, power:  shape of the non-uniform schedule (center defaults to 15 of 50 evaluations, scaled).
     full_steps: the explicit list of full evaluations (0-based; 0 is always added).
     cache_start, cache_end: optional window; outside [cache_start, cache_end) every evaluation is full.
+    calibration: schedule="calibrated": a dcaccel.Calibration or the path of its JSON file.
+    num_full_steps, speedup: schedule="calibrated": the budget, as a number of full evaluations, or as the FLOP
+                bound to reach (the calibrated budget with the most full steps whose bound is >= speedup). Neither:
+                the calibration's default budget.
+    calibration_fallback: use a calibration made for another step count, guidance, scheduler, model or cut
+                anyway (its full steps rescaled to the call's evaluations, with a warning naming what differs)
+                instead of refusing it.
+    forecast_order: 0 (off), 1 or 2: on a cached step, extrapolate the cached feature from the last 2 or 3 full
+                steps (TaylorSeer's idea, in the step loop's buffers) instead of reusing the last one as it is.
     cut_controlnet: ControlNet pipelines: run only the ControlNets' first layers on cached steps (what the shallow
                 U-Net reads; the default, same output). False runs them whole on every step.
     """
@@ -95,9 +106,16 @@ class DeepCacheConfig:
     cache_start: int = 0
     cache_end: int | None = None
     cut_controlnet: bool = True
+    calibration: object = None
+    num_full_steps: int | None = None
+    speedup: float | None = None
+    calibration_fallback: bool = False
+    forecast_order: int = 0
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        self._check_calibration(put)
+        put("forecast_order", check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER))
         if not isinstance(self.cut_controlnet, bool):
             raise ValueError(f"cut_controlnet must be True or False, got {self.cut_controlnet!r}")
         if self.interval is not None:
@@ -123,8 +141,34 @@ class DeepCacheConfig:
             raise ValueError("branch is the cut of a U-Net, head_blocks/tail_blocks that of a transformer: give one "
                              "or the other, not both")
 
+    def _check_calibration(self, put) -> None:
+        if not isinstance(self.calibration_fallback, bool):
+            raise ValueError(f"calibration_fallback must be True or False, got {self.calibration_fallback!r}")
+        if self.schedule != "calibrated":
+            given = [n for n in ("calibration", "num_full_steps", "speedup") if getattr(self, n) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with schedule='calibrated', not {self.schedule!r}")
+            return
+        if self.calibration is None:
+            raise ValueError("schedule='calibrated' needs calibration=, a dcaccel.Calibration or the path of a "
+                             "calibration file (from dcaccel.calibrate or `dcaccel calibrate`)")
+        from .calibration import Calibration
+
+        if not isinstance(self.calibration, Calibration):
+            put("calibration", Calibration.load(self.calibration))
+        if self.num_full_steps is not None and self.speedup is not None:
+            raise ValueError("give num_full_steps or speedup, not both (both choose the calibrated budget)")
+        if self.num_full_steps is not None:
+            budgets = self.calibration.budgets()
+            put("num_full_steps", check_int("num_full_steps", self.num_full_steps, min(budgets), max(budgets)))
+        if self.speedup is not None:
+            put("speedup", check_real("speedup", self.speedup, 1.0, 1000.0))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.summary()
+        return out
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,14 @@ def trained_model_dir(name: str) -> str:
     return path
 
 
+def shipped_calibration(model: str) -> str | None:
+    """The calibration file shipped with an embedded trained model (made by the command in README), or None."""
+    if model not in TRAINED:
+        return None
+    path = os.path.join(str(resources.files("dcaccel").joinpath("weights", model)), "calibration.json")
+    return path if os.path.isfile(path) else None
+
+
 def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):
     """`model` is an embedded architecture name (random weights), an embedded trained model (`shapes`,
     `shapes-sd3`) or a local diffusers pipeline directory (never a hub id)."""

@@ -221,7 +221,7 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
                          f"{family.cut_text(family.resolve_cut(model, config))}")
     sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
     wrapper = DeepCacheDenoiser(model, family, runner, config, lambda: _num_evaluations(pipe), sync=sync,
-                                original=denoiser)
+                                original=denoiser, check_call=_calibration_check(pipe, family, model, cut, config))
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
     state = EnabledState(family=family, denoiser=denoiser, model=model, wrapper=wrapper, runner=runner,
                          backend=backend, config=config, cut=cut, original_class=type(pipe), info=info,
@@ -235,6 +235,16 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
     pipe.__dict__[_STATE] = state
     logger.info("DeepCache enabled: %s, %s, backend=%s", config, family.cut_text(cut), backend)
     return pipe
+
+
+def _calibration_check(pipe, family, model, cut: dict, config: DeepCacheConfig):
+    """A calibrated schedule: refuse a calibration made for another model, cut or scheduler now (naming every
+    field), and return the check of each call's evaluations and guidance (None for other schedules)."""
+    if config.schedule != "calibrated":
+        return None
+    cal, fallback = config.calibration, config.calibration_fallback
+    cal.check_pipeline(pipe, family, model, cut, fallback)
+    return lambda n: cal.check_call(n, getattr(pipe, "_guidance_scale", None), fallback)
 
 
 def disable(pipe, close: bool = True):

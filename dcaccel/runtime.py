@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import DeepCacheConfig
-from .schedule import full_step_mask
+from .policies import policy_for
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,12 @@ class DeepCacheDenoiser(nn.Module):
     as it is, so a pipeline that kept a reference to it is never left running DeepCache.
     """
 
-    def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None, original=None):
+    def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None, original=None,
+                 check_call=None):
         """`denoiser`: the model the graphs were cut from; `original`: the pipeline attribute it stands in for
-        (the same module, except where a family joins more models to the denoiser, e.g. ControlNets)."""
+        (the same module, except where a family joins more models to the denoiser, e.g. ControlNets);
+        `check_call(num_evaluations)`: run at the first evaluation of every call (a calibration's call-time
+        checks)."""
         super().__init__()
         self.denoiser = denoiser
         self.original = denoiser if original is None else original
@@ -88,6 +91,8 @@ class DeepCacheDenoiser(nn.Module):
         self.runner = runner
         self.deepcache_config = config
         self._num_steps_fn = num_steps_fn
+        self._check_call = check_call
+        self.policy = policy_for(config)
         self._sync = sync or (lambda: None)
         self._owner_thread: int | None = None
         self._detached = False
@@ -115,7 +120,7 @@ class DeepCacheDenoiser(nn.Module):
     def reset(self) -> None:
         """Forget everything from the previous call: the next evaluation is step 0, a full step."""
         self._step = 0
-        self._mask: list[bool] | None = None
+        self._started = False
         self.stats = StepStats()
 
     def begin_call(self) -> None:
@@ -138,19 +143,17 @@ class DeepCacheDenoiser(nn.Module):
                 f"{self.family.denoiser_attr}) and call dcaccel.enable on them")
         return_dict = kwargs.get("return_dict", True)
         inputs = self.family.call_inputs(self._modules["denoiser"], args, kwargs, self)
-        if self._mask is None:
+        if not self._started:
             n = self._num_steps_fn()
-            self._mask = full_step_mask(self.deepcache_config, n)
-            logger.debug("DeepCache call: %d evaluations, full at %s", n, [i for i, f in enumerate(self._mask) if f])
+            if self._check_call is not None:
+                self._check_call(n)
+            self.policy.begin(n)
+            self._started = True
         step = self._step
         self._step += 1
-        full = step >= len(self._mask) or self._mask[step]
-        if step == len(self._mask):
-            logger.warning("more denoiser evaluations than the %d expected; extra ones run the full graph",
-                           len(self._mask))
         self._sync()
         start = time.perf_counter()
-        noise = self.runner.run_full(inputs) if full else self.runner.run_shallow(inputs)
+        noise, full = self.policy.run(step, inputs, self.runner)
         self._sync()
         elapsed = time.perf_counter() - start
         (self.stats.full_steps if full else self.stats.shallow_steps).append(step)

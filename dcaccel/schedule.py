@@ -55,13 +55,16 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: int | None = No
 def full_steps(config: DeepCacheConfig, num_steps: int) -> list[int]:
     """The sorted full evaluations for `config` over a call of `num_steps` U-Net evaluations. Step 0 is always full."""
     _check_num_steps(num_steps)
-    if config.interval is None and config.schedule != "explicit":
+    if config.interval is None and config.schedule in ("uniform", "nonuniform"):
         raise ValueError("interval is None (the model family's default): resolve it first with "
                          "family.resolve_config(config), as dcaccel.enable does")
     if config.schedule == "uniform":
         steps = set(uniform_full_steps(num_steps, config.interval))
     elif config.schedule == "nonuniform":
         steps = set(nonuniform_full_steps(num_steps, config.interval, config.center, config.power))
+    elif config.schedule == "calibrated":
+        steps = set(config.calibration.full_steps_for(num_steps, num_full_steps=config.num_full_steps,
+                                                      speedup=config.speedup, fallback=config.calibration_fallback))
     else:
         bad = [s for s in config.full_steps if s >= num_steps]
         if bad:

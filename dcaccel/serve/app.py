@@ -229,7 +229,8 @@ class Ingress:
                    "X-Queue-Seconds": f"{result['queue_s']:.4f}",
                    "X-Pipeline-Seconds": f"{result['pipeline_s']:.4f}",
                    "X-Denoiser-Seconds": f"{result['denoiser_s']:.4f}", "X-Batch-Size": str(result["batch_size"]),
-                   "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow"}
+                   "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow",
+                   "X-Schedule": result.get("schedule", "")}
         return Response(result["png"], media_type="image/png", headers=headers)
 
 

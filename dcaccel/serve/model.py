@@ -31,6 +31,9 @@ class ServeSettings:
     head_blocks: int | None = None
     tail_blocks: int | None = None
     no_cache: bool = False
+    calibration: str | None = None  # a calibration file; None: an engine directory's, or a shipped model's
+    num_full_steps: int | None = None
+    speedup: float | None = None
     replicas: int = 1
     max_batch: int = 4
     batch_wait_ms: float = 20.0
@@ -108,11 +111,26 @@ class ModelServer:
         # running in its thread (an unpadded prompt once reached the text encoder that way)
         self.check_tokenizer = copy.deepcopy(self.pipe.tokenizer)
         self.default_guidance, self.default_steps = self._defaults()
-        self.config = DeepCacheConfig(interval=1 if s.no_cache else s.interval, branch=s.branch,
-                                      head_blocks=s.head_blocks, tail_blocks=s.tail_blocks)
-        # what /v1/models reports: the interval and cut with the family's defaults filled in
-        self.resolved = {"interval": self.family.resolve_config(self.config).interval,
-                         **self.family.resolve_cut(self.family.denoiser(self.pipe), self.config)}
+        self.calibration = None if s.no_cache else self._calibration()
+        if self.calibration is not None:
+            # requests with another step count or guidance run the calibrated steps rescaled (X-Schedule says so)
+            self.config = DeepCacheConfig(schedule="calibrated", calibration=self.calibration,
+                                          num_full_steps=s.num_full_steps, speedup=s.speedup,
+                                          calibration_fallback=True, branch=s.branch, head_blocks=s.head_blocks,
+                                          tail_blocks=s.tail_blocks)
+        else:
+            self.config = DeepCacheConfig(interval=1 if s.no_cache else s.interval, branch=s.branch,
+                                          head_blocks=s.head_blocks, tail_blocks=s.tail_blocks)
+        # what /v1/models reports: the interval (or calibration) and cut with the family's defaults filled in
+        cut = self.family.resolve_cut(self.family.denoiser(self.pipe), self.config)
+        if self.calibration is not None:
+            cal = self.calibration
+            budget = cal.choose_budget(s.num_full_steps, s.speedup)
+            self.resolved = {"schedule": "calibrated", "calibration": cal.path, "num_full_steps": budget,
+                             "full_steps": cal.budget(budget)["full_steps"], "calibrated_steps": cal.num_evaluations,
+                             "calibrated_guidance": cal.valid_for["guidance_scale"], **cut}
+        else:
+            self.resolved = {"interval": self.family.resolve_config(self.config).interval, **cut}
         self.runners = {}  # (height, width) -> (runner, info) for static backends
         self.cfg = self.default_guidance > 1
         if s.backend == "eager":
@@ -122,6 +140,40 @@ class ModelServer:
             self._open_engines()
         self.load_seconds = time.perf_counter() - start
         logger.info("model %s ready in %.1f s", s.model, self.load_seconds)
+
+    def _calibration(self):
+        """--calibration; else the first engine directory's calibration.json; else, with no --interval and no
+        cut given, the calibration shipped with an embedded trained model."""
+        import os
+
+        from ..calibration import Calibration
+        from ..models import shipped_calibration
+
+        s = self.settings
+        if s.calibration:
+            return Calibration.load(s.calibration)
+        for directory in s.engine_dirs:
+            if os.path.isfile(os.path.join(directory, "calibration.json")):
+                return Calibration.load(directory)
+        if s.interval is None and s.branch is None and s.head_blocks is None and s.tail_blocks is None:
+            path = shipped_calibration(s.model)
+            return Calibration.load(path) if path else None
+        if s.num_full_steps is not None or s.speedup is not None:
+            raise ValueError("num_full_steps and speedup need a calibration (--calibration FILE)")
+        return None
+
+    def schedule_text(self, steps: int, guidance: float) -> str:
+        """What X-Schedule reports for a request: the interval, or the calibration and whether it fell back."""
+        if self.settings.no_cache:
+            return "off"
+        if self.calibration is None:
+            return f"uniform, interval {self.resolved['interval']}"
+        cal = self.calibration
+        diffs = cal.check_call(steps, guidance, fallback=True)
+        if not diffs:
+            return f"calibrated, {self.resolved['num_full_steps']} full steps of {cal.num_evaluations}"
+        return (f"calibrated fallback: calibrated for {cal.num_evaluations} steps at guidance "
+                f"{cal.valid_for['guidance_scale']}, rescaled to {steps} steps")
 
     def _defaults(self) -> tuple[float, int]:
         if self.settings.model in TRAINED:  # the shapes models
@@ -237,5 +289,6 @@ class ModelServer:
         for p, image in zip(params, out.images[:n]):
             results.append({"png": png_bytes(image), "seed": p["seed"], "batch_size": n, "padded_to": len(padded),
                             "pipeline_s": seconds, "denoiser_s": stats.denoiser_seconds,
-                            "full_steps": len(stats.full_steps), "shallow_steps": len(stats.shallow_steps)})
+                            "full_steps": len(stats.full_steps), "shallow_steps": len(stats.shallow_steps),
+                            "schedule": self.schedule_text(first["steps"], first["guidance"])})
         return results

@@ -61,6 +61,18 @@ def training_scenes() -> list[Scene]:
     return [s for s in all_scenes() if s not in held]
 
 
+def calibration_scenes() -> list[Scene]:
+    """The 11 captions schedules are calibrated on (every 10th training scene): disjoint from evaluation_scenes()."""
+    return training_scenes()[::10]
+
+
+def evaluation_scenes() -> list[Scene]:
+    """Every scene but the calibration ones (the held-out combinations included): what calibrated schedules are
+    judged on."""
+    cal = set(calibration_scenes())
+    return [s for s in all_scenes() if s not in cal]
+
+
 def vocabulary() -> list[str]:
     words = {"a", "at", "the", "in"}
     for scene in all_scenes():
