@@ -382,10 +382,11 @@ def cache_config(args):
     schedule, calibration = args.schedule, args.calibration
     if calibration is None and schedule == "calibrated" and getattr(args, "engine_dir", None):
         calibration = args.engine_dir
-    if calibration is None and schedule is None and args.interval is None and args.full_steps is None:
+    if calibration is None and schedule is None and args.interval is None and args.full_steps is None \
+            and args.num_full_steps is None and args.speedup is None:
         calibration = shipped_calibration(args.model)
-        if calibration is not None and not _cut_matches(args, calibration):
-            calibration = None  # another cut than the shipped calibration's: today's default schedule
+        if calibration is not None and not _shipped_fits(args, calibration):
+            calibration = None  # a call the shipped calibration was not made for: today's default schedule
     if calibration is not None:
         if schedule not in (None, "calibrated"):
             raise ValueError(f"--calibration is a calibrated schedule; --schedule {schedule} is another one")
@@ -406,13 +407,20 @@ def cache_config(args):
                            forecast_order=args.forecast_order)
 
 
-def _cut_matches(args, calibration) -> bool:
-    """Whether the cut flags given (if any) are those of the calibration file."""
+def _shipped_fits(args, calibration) -> bool:
+    """Whether a shipped calibration is made for this call: its cut (if cut flags are given), text-to-image, its
+    steps and guidance. Otherwise the model's default is today's uniform schedule."""
+    import math as _math
+
     from .calibration import Calibration
 
-    cut = Calibration.load(calibration).valid_for["cut"]
+    cal = Calibration.load(calibration)
+    valid = cal.valid_for
     given = {k: getattr(args, k) for k in ("branch", "head_blocks", "tail_blocks") if getattr(args, k) is not None}
-    return all(cut.get(k) == v for k, v in given.items())
+    guidance = getattr(args, "guidance", None)
+    return (all(valid["cut"].get(k) == v for k, v in given.items()) and not getattr(args, "image", None)
+            and getattr(args, "steps", None) == cal.num_evaluations
+            and (guidance is None or _math.isclose(guidance, valid["guidance_scale"])))
 
 
 def save_image(image, path: Path) -> None:
@@ -440,12 +448,12 @@ def generate(args) -> int:
     check_generate_arguments(args)
     _set_threads(args.threads)
     task = "inpaint" if args.mask else "img2img" if args.image else "text2img"
-    config = cache_config(args)
     if is_shapes_model(args.model):
         from . import shapes
 
         args.prompt = args.prompt or shapes.DEFAULT_PROMPT
         args.guidance = shapes.GUIDANCE_SCALE if args.guidance is None else args.guidance
+    config = cache_config(args)
     args.prompt = args.prompt or DEFAULT_PROMPT
     print(f"model: {model_label(args.model)}")
     start = time.perf_counter()

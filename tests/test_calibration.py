@@ -280,3 +280,62 @@ def test_shipped_calibration_beats_uniform_on_new_prompts(model, margin_db):
     calibrated = run(dcaccel.DeepCacheConfig(schedule="calibrated", calibration=path, num_full_steps=7, **cut))
     gain = psnr(calibrated, ref) - psnr(uniform, ref)
     assert gain >= margin_db, f"{model}: calibrated 7 full steps gain {gain:.2f} dB over uniform N=3"
+
+
+# -- the command line, each step in its own process ----------------------------------------------------------------
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONHASHSEED": "7"}
+    return subprocess.run([sys.executable, "-m", "dcaccel.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_calibrate_generate_build_round_trip(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
+    cal_path = tmp_path / "cal.json"
+    base = ["--model", "tiny-sd3", "--steps", "4", "--guidance", "4", "--head-blocks", "1", "--tail-blocks", "0"]
+    r = _cli("calibrate", *base, "--prompts", str(tmp_path / "prompts.txt"), "--out", str(cal_path), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "calibrating on 2 prompts" in r.stdout and "] " in r.stdout  # the progress bar
+    cal = Calibration.load(cal_path)
+    assert cal.budgets() == [2, 3]
+    steps = cal.budget(2)["full_steps"]
+    r = _cli("generate", "a red circle", *base, "--calibration", str(cal_path), "--num-full-steps", "2",
+             "--output", str(tmp_path / "a.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"2 full steps {steps}" in r.stdout
+    r = _cli("generate", "a red circle", *base[:2], "--steps", "6", "--guidance", "4", "--head-blocks", "1",
+             "--tail-blocks", "0", "--calibration", str(cal_path), "--output", str(tmp_path / "b.png"), cwd=tmp_path)
+    assert r.returncode == 2 and "num_evaluations: calibration has 4, this call runs 6" in r.stderr
+    r = _cli("build", "--model", "tiny-sd3", "--head-blocks", "1", "--tail-blocks", "0", "--backend", "onnxruntime",
+             "--calibration", str(cal_path), "--out", str(tmp_path / "engines"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (engine,) = (tmp_path / "engines" / "tiny-sd3").iterdir()
+    assert Calibration.load(engine / "calibration.json") == cal
+    r = _cli("generate", "a red circle", *base, "--backend", "onnxruntime", "--engine-dir", str(engine),
+             "--schedule", "calibrated", "--speedup", str(cal.budget(2)["flop_bound"]),
+             "--output", str(tmp_path / "c.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"2 full steps {steps}" in r.stdout
+    r = _cli("build", "--model", "tiny-sd3", "--head-blocks", "0", "--tail-blocks", "1", "--backend", "onnxruntime",
+             "--calibration", str(cal_path), "--out", str(tmp_path / "engines2"), cwd=tmp_path)
+    assert r.returncode == 2 and "cut: calibration has" in r.stderr
+    assert not (tmp_path / "engines2").exists()
+    r = _cli("calibrate", *base, "--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2 and "is a directory" in r.stderr
+
+
+def test_serve_model_uses_the_stored_calibration_and_reports_fallback(sd3_cal, tmp_path):
+    from dcaccel.serve.model import ModelServer, ServeSettings
+
+    pipe, cal = sd3_cal
+    path = cal.save(tmp_path / "cal.json")
+    server = ModelServer(ServeSettings(model="tiny-sd3", calibration=str(path), head_blocks=1, tail_blocks=0))
+    assert server.describe()["deepcache"]["schedule"] == "calibrated"
+    assert server.schedule_text(STEPS, 4.0).startswith("calibrated, ")
+    assert "fallback" in server.schedule_text(STEPS + 3, 4.0)
