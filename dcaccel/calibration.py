@@ -418,7 +418,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
     cut = family.resolve_cut(model, family.resolve_config(config))
     say = progress or (lambda text: None)
     started = time.perf_counter()
-    record_cfg = DeepCacheConfig(interval=1, cut_controlnet=config.cut_controlnet, **cut)
+    record_cfg = DeepCacheConfig(interval=1, **{"cut_controlnet": config.cut_controlnet, **cut})
     dc.enable(pipe, record_cfg, "eager")
     try:
         state = dc.enabled_state(pipe)
@@ -467,6 +467,8 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
         chosen = {}
         for k in wanted:
             candidates = [s for s in (graph.get(k), uniform.get(k)) if s is not None]
+            if not candidates:  # max_gap too small to place k full steps
+                continue
             best = min(candidates, key=measure)
             for _ in range(refine):
                 around = neighbours(best, n)
@@ -477,6 +479,8 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
                     break
                 best = move
             chosen[k] = best
+        if not chosen:
+            raise ValueError(f"max_gap {gap} cannot place any of the budgets {wanted} in {n} evaluations: raise it")
         uniform_errors = {k: measure(s) for k, s in uniform.items()}
     finally:
         dc.disable(pipe)

@@ -159,9 +159,12 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=int, help="full denoiser every N evaluations (1 = off; default: the model "
                                                    "family's, 3 for U-Nets, see README for SD 3)")
     add_cut_arguments(p)
-    p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit", "calibrated"),
+    p.add_argument("--schedule", choices=("uniform", "nonuniform", "explicit", "calibrated", "dynamic"),
                    help="default uniform; calibrated with --calibration (the default for shapes and shapes-sd3, "
-                        "whose calibrations are shipped, when no --interval is given)")
+                        "whose calibrations are shipped, when no --interval is given); dynamic (SD 3) with "
+                        "--threshold")
+    p.add_argument("--threshold", type=float, help="dynamic: the probe's relative change below which a step is "
+                                                   "cached (e.g. 0.24)")
     p.add_argument("--center", type=int, help="nonuniform: the step full steps gather around")
     p.add_argument("--power", type=float, default=1.4, help="nonuniform: shape of the schedule (default 1.4)")
     p.add_argument("--full-steps", type=_int_list, help="explicit: comma-separated full evaluations, e.g. 0,4,9")
@@ -383,7 +386,7 @@ def cache_config(args):
     if calibration is None and schedule == "calibrated" and getattr(args, "engine_dir", None):
         calibration = args.engine_dir
     if calibration is None and schedule is None and args.interval is None and args.full_steps is None \
-            and args.num_full_steps is None and args.speedup is None:
+            and args.num_full_steps is None and args.speedup is None and args.threshold is None:
         calibration = shipped_calibration(args.model)
         if calibration is not None and not _shipped_fits(args, calibration):
             calibration = None  # a call the shipped calibration was not made for: today's default schedule
@@ -404,7 +407,7 @@ def cache_config(args):
                            power=args.power, full_steps=args.full_steps, cache_start=args.cache_start,
                            cache_end=args.cache_end, calibration=calibration, num_full_steps=args.num_full_steps,
                            speedup=args.speedup, calibration_fallback=args.calibration_fallback,
-                           forecast_order=args.forecast_order)
+                           forecast_order=args.forecast_order, threshold=args.threshold)
 
 
 def _shipped_fits(args, calibration) -> bool:
@@ -525,6 +528,8 @@ def generate(args) -> int:
     if c.schedule == "calibrated":
         how = (f"calibrated by {c.calibration.path}, {n_full} full steps {stats.full_steps}"
                + (", forecast order %d" % c.forecast_order if c.forecast_order else ""))
+    elif c.schedule == "dynamic":
+        how = f"dynamic, threshold {c.threshold:g}, full steps {stats.full_steps}"
     else:
         how = f"interval {c.interval}, {c.schedule}" + (", forecast order %d" % c.forecast_order
                                                         if c.forecast_order else "")

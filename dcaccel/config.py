@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, field
 
-SCHEDULES = ("uniform", "nonuniform", "explicit", "calibrated")
+SCHEDULES = ("uniform", "nonuniform", "explicit", "calibrated", "dynamic")
 MAX_FORECAST_ORDER = 2  # TaylorSeer-style extrapolation of the cached feature: order 1 or 2
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_POWER = 8.0  # the non-uniform schedule's power law; beyond this every full step sits at the center anyway
@@ -78,7 +78,9 @@ class DeepCacheConfig:
                 (the family's defaults when not given).
     schedule:   "uniform" (every `interval`), "nonuniform" (the paper's: full steps denser around `center`,
                 spread by the power law `power`), "explicit" (exactly the evaluations in `full_steps`), or
-                "calibrated" (the full steps a calibration found for a budget: see dcaccel.calibration).
+                "calibrated" (the full steps a calibration found for a budget: see dcaccel.calibration), or
+                "dynamic" (SD 3 transformers: a step is cached when a probe of the first blocks moved less than
+                `threshold` since the last full step, decided per call for the whole batch; see policies.py).
     center, power:  shape of the non-uniform schedule (center defaults to 15 of 50 evaluations, scaled).
     full_steps: the explicit list of full evaluations (0-based; 0 is always added).
     cache_start, cache_end: optional window; outside [cache_start, cache_end) every evaluation is full.
@@ -89,6 +91,7 @@ class DeepCacheConfig:
     calibration_fallback: use a calibration made for another step count, guidance, scheduler, model or cut
                 anyway (its full steps rescaled to the call's evaluations, with a warning naming what differs)
                 instead of refusing it.
+    threshold:  schedule="dynamic": the relative L1 change of the probe below which a step is cached.
     forecast_order: 0 (off), 1 or 2: on a cached step, extrapolate the cached feature from the last 2 or 3 full
                 steps (TaylorSeer's idea, in the step loop's buffers) instead of reusing the last one as it is.
     cut_controlnet: ControlNet pipelines: run only the ControlNets' first layers on cached steps (what the shallow
@@ -111,10 +114,18 @@ class DeepCacheConfig:
     speedup: float | None = None
     calibration_fallback: bool = False
     forecast_order: int = 0
+    threshold: float | None = None
 
     def __post_init__(self):
         put = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         self._check_calibration(put)
+        if self.schedule == "dynamic":
+            if self.threshold is None:
+                raise ValueError("schedule='dynamic' needs threshold=, the relative L1 change of the probe below "
+                                 "which a step is cached (e.g. 0.2)")
+            put("threshold", check_real("threshold", self.threshold, 0.0, 10.0, low_open=True))
+        elif self.threshold is not None:
+            raise ValueError(f"threshold only applies with schedule='dynamic', not {self.schedule!r}")
         put("forecast_order", check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER))
         if not isinstance(self.cut_controlnet, bool):
             raise ValueError(f"cut_controlnet must be True or False, got {self.cut_controlnet!r}")

@@ -221,7 +221,8 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
                          f"{family.cut_text(family.resolve_cut(model, config))}")
     sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
     wrapper = DeepCacheDenoiser(model, family, runner, config, lambda: _num_evaluations(pipe), sync=sync,
-                                original=denoiser, check_call=_calibration_check(pipe, family, model, cut, config))
+                                original=denoiser, check_call=_calibration_check(pipe, family, model, cut, config),
+                                probe=family.probe(model, cut) if config.schedule == "dynamic" else None)
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
     state = EnabledState(family=family, denoiser=denoiser, model=model, wrapper=wrapper, runner=runner,
                          backend=backend, config=config, cut=cut, original_class=type(pipe), info=info,

@@ -7,6 +7,8 @@ state is reset by begin() at the start of every pipeline call, so nothing surviv
     forecast  the same full steps; a cached step reads the feature extrapolated from the last 2 (order 1) or 3
               (order 2) full steps, written into the runner's own cache buffers (TaylorSeer's idea, on every
               backend: the buffers are what every runner's shallow graph reads)
+    dynamic   SD 3 transformers: a probe of the first blocks decides per evaluation, for the whole batch, whether
+              the shallow graph may run (cache-dit's DBCache rule with static graphs)
     record    calibration only (dcaccel.calibration): every step is full, and the shallow graph is also run on the
               features of earlier full steps to measure what caching would have cost
 
@@ -151,9 +153,50 @@ class RecordPolicy:
         return noise, True
 
 
-POLICIES = {"static": StaticPolicy, "forecast": ForecastPolicy}
+class DynamicPolicy:
+    """A batch-wide decision at every evaluation (cache-dit's DBCache rule, with static graphs): a third small graph,
+    the probe (the embeddings and the first blocks, eager PyTorch on the model's own weights), runs first; if the
+    residual it computes moved by less than `threshold` (mean |probe - probe at the last full step| over mean |probe
+    at the last full step|, over the whole batch) the shallow graph runs, else the full graph runs and its probe
+    becomes the reference. Evaluations before cache_start (at least step 0) and from cache_end on are full.
+    The probe runs on every evaluation, also where the full or shallow graph then recomputes those blocks: its
+    cost is added to every step (see README)."""
+
+    name = "dynamic"
+
+    def __init__(self, config: DeepCacheConfig, probe):
+        if probe is None:
+            raise ValueError("schedule='dynamic' needs a probe of the first blocks, which only the SD 3 transformer "
+                             "family has; U-Nets take a uniform, non-uniform, explicit or calibrated schedule")
+        self.config, self.probe = config, probe
+        self.reference = None
+        self.decisions: list[float] = []
+
+    def begin(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.reference = None
+        self.decisions = []
+
+    def run(self, step: int, inputs: dict, runner) -> tuple[torch.Tensor, bool]:
+        c = self.config
+        with torch.no_grad():
+            probe = self.probe(**{k: inputs[k] for k in self.probe.input_names})
+        forced = step < max(1, c.cache_start) or (c.cache_end is not None and step >= c.cache_end)
+        if not forced and self.reference is not None:
+            change = float((probe - self.reference).abs().mean() / self.reference.abs().mean().clamp_min(1e-12))
+            self.decisions.append(change)
+            if change < c.threshold:
+                return runner.run_shallow(inputs), False
+        self.reference = probe
+        return runner.run_full(inputs), True
 
 
-def policy_for(config: DeepCacheConfig):
-    """The policy a config asks for: forecast when forecast_order > 0, else static."""
+POLICIES = {"static": StaticPolicy, "forecast": ForecastPolicy, "dynamic": DynamicPolicy}
+
+
+def policy_for(config: DeepCacheConfig, probe=None):
+    """The policy a config asks for: dynamic for schedule='dynamic' (with the family's probe), forecast when
+    forecast_order > 0, else static."""
+    if config.schedule == "dynamic":
+        return DynamicPolicy(config, probe)
     return POLICIES["forecast" if config.forecast_order else "static"](config)

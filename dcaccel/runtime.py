@@ -78,7 +78,7 @@ class DeepCacheDenoiser(nn.Module):
     """
 
     def __init__(self, denoiser, family, runner, config: DeepCacheConfig, num_steps_fn, sync=None, original=None,
-                 check_call=None):
+                 check_call=None, probe=None):
         """`denoiser`: the model the graphs were cut from; `original`: the pipeline attribute it stands in for
         (the same module, except where a family joins more models to the denoiser, e.g. ControlNets);
         `check_call(num_evaluations)`: run at the first evaluation of every call (a calibration's call-time
@@ -92,7 +92,7 @@ class DeepCacheDenoiser(nn.Module):
         self.deepcache_config = config
         self._num_steps_fn = num_steps_fn
         self._check_call = check_call
-        self.policy = policy_for(config)
+        self.policy = policy_for(config, probe)
         self._sync = sync or (lambda: None)
         self._owner_thread: int | None = None
         self._detached = False

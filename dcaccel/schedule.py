@@ -62,6 +62,9 @@ def full_steps(config: DeepCacheConfig, num_steps: int) -> list[int]:
         steps = set(uniform_full_steps(num_steps, config.interval))
     elif config.schedule == "nonuniform":
         steps = set(nonuniform_full_steps(num_steps, config.interval, config.center, config.power))
+    elif config.schedule == "dynamic":
+        raise ValueError("schedule='dynamic' decides at every evaluation of a call (policies.DynamicPolicy): it has "
+                         "no full steps to list before the call")
     elif config.schedule == "calibrated":
         steps = set(config.calibration.full_steps_for(num_steps, num_full_steps=config.num_full_steps,
                                                       speedup=config.speedup, fallback=config.calibration_fallback))

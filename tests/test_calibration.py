@@ -339,3 +339,71 @@ def test_serve_model_uses_the_stored_calibration_and_reports_fallback(sd3_cal, t
     assert server.describe()["deepcache"]["schedule"] == "calibrated"
     assert server.schedule_text(STEPS, 4.0).startswith("calibrated, ")
     assert "fallback" in server.schedule_text(STEPS + 3, 4.0)
+
+
+def test_forecast_on_onnxruntime_equals_eager(tiny_pipe):
+    """The extrapolated feature is written into the runner's own buffers: the ONNX Runtime engine's bound cache
+    buffers take it as the eager ones do."""
+    pytest.importorskip("onnxruntime")
+    from conftest import run_latents
+
+    pipe = tiny_pipe()
+    config = dcaccel.DeepCacheConfig(interval=3, forecast_order=2)
+    outs = {}
+    for backend, options in (("eager", {}), ("onnxruntime", {"height": 32, "width": 32})):
+        dcaccel.enable(pipe, config, backend, **options)
+        try:
+            outs[backend] = run_latents(pipe, steps=10)
+            assert dcaccel.last_stats(pipe).full_steps == [0, 3, 6, 9]
+        finally:
+            dcaccel.disable(pipe)
+    dcaccel.enable(pipe, dcaccel.DeepCacheConfig(interval=3))
+    try:
+        plain = run_latents(pipe, steps=10)
+    finally:
+        dcaccel.disable(pipe)
+    torch.testing.assert_close(outs["onnxruntime"], outs["eager"], atol=1e-4, rtol=1e-4)
+    assert (outs["eager"] - plain).abs().max() > 1e-3  # forecasting changed the cached steps
+
+
+def test_controlnet_pipeline_calibrates_the_same_way():
+    from dcaccel.models import build_pipeline
+
+    pipe = build_pipeline("tiny", controlnets=1)
+    control = torch.rand(1, 3, 32, 32)
+    cal = dcaccel.calibrate(pipe, ["a red circle"], num_inference_steps=4, guidance_scale=4.0, seed=0, image=control,
+                            height=32, width=32)
+    assert cal.valid_for["family"] == "controlnet" and cal.valid_for["cut"]["cut_controlnet"] is True
+    dcaccel.enable(pipe, dcaccel.DeepCacheConfig(schedule="calibrated", calibration=cal, num_full_steps=2))
+    try:
+        pipe("a red circle", image=control, num_inference_steps=4, guidance_scale=4.0, height=32, width=32,
+             output_type="latent", generator=torch.Generator().manual_seed(0))
+        assert dcaccel.last_stats(pipe).full_steps == cal.budget(2)["full_steps"]
+    finally:
+        dcaccel.disable(pipe)
+
+
+def test_dynamic_schedule_on_the_transformer(sd3_cal):
+    """schedule='dynamic': a tiny threshold runs every step full (the plain output, exactly); a huge one caches every
+    step after the warm-up; the decision is per call and the full steps it took are reported."""
+    pipe, _ = sd3_cal
+    plain = _latents(pipe)
+    cut = {"head_blocks": 1, "tail_blocks": 0}
+    runs = {}
+    for threshold in (1e-9, 10.0):
+        dcaccel.enable(pipe, dcaccel.DeepCacheConfig(schedule="dynamic", threshold=threshold, cache_start=2, **cut))
+        try:
+            runs[threshold] = (_latents(pipe), dcaccel.last_stats(pipe).full_steps)
+        finally:
+            dcaccel.disable(pipe)
+    assert runs[1e-9][1] == list(range(STEPS)) and torch.equal(runs[1e-9][0], plain)
+    assert runs[10.0][1] == [0, 1]
+    with pytest.raises(ValueError, match="needs threshold="):
+        dcaccel.DeepCacheConfig(schedule="dynamic")
+    with pytest.raises(ValueError, match="no full steps to list"):
+        dcaccel.full_steps(dcaccel.DeepCacheConfig(schedule="dynamic", threshold=0.1), STEPS)
+
+
+def test_dynamic_schedule_is_refused_on_a_unet(tiny_pipe):
+    with pytest.raises(ValueError, match="only the SD 3 transformer family has"):
+        dcaccel.enable(tiny_pipe(), dcaccel.DeepCacheConfig(schedule="dynamic", threshold=0.1))

@@ -150,3 +150,12 @@ def test_ctrl_c_exits_130_with_one_line_and_leaves_nothing(tmp_path):
     assert code == 130, err
     assert err.strip() == "dcaccel generate: interrupted; nothing was written", err
     assert not list(tmp_path.glob("img*")) and not list(tmp_path.glob(".img*"))
+
+
+def test_ctrl_c_during_calibrate_leaves_no_file(tmp_path):
+    out = tmp_path / "cal.json"
+    code, err = _interrupt_when(["calibrate", "--model", "tiny-sd3", "--steps", "12", "--out", str(out)],
+                                lambda lines: any("real call" in line for line in lines), tmp_path)
+    assert code == 130, err
+    assert err.strip() == "dcaccel calibrate: interrupted; nothing was written", err
+    assert not list(tmp_path.glob("*cal.json*")), list(tmp_path.iterdir())

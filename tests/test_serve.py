@@ -16,6 +16,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from dcaccel.serve.model import ServeSettings  # noqa: E402
+from dcaccel.models import shipped_calibration  # noqa: E402
 
 PROMPT = "a large red circle at the top left"
 
@@ -93,7 +94,13 @@ def test_health_and_models(batched):
     status, _, body = _request(batched + "/v1/models")
     info = json.loads(body)["models"][0]
     assert status == 200 and info["model"] == "shapes" and info["family"] == "unet" and info["backend"] == "eager"
-    assert info["deepcache"] == {"interval": 3, "branch": 0} and info["max_batch"] == 4  # defaults filled in
+    # the shapes model's default: its shipped calibration at the default budget, the cut filled in
+    cal = json.loads(open(shipped_calibration("shapes")).read())
+    k = cal["default_budget"]
+    assert info["deepcache"]["schedule"] == "calibrated" and info["deepcache"]["branch"] == 0
+    assert info["deepcache"]["num_full_steps"] == k and info["deepcache"]["full_steps"] == \
+        cal["budgets"][str(k)]["full_steps"]
+    assert info["max_batch"] == 4
     assert info["defaults"] == {"height": 32, "width": 32, "steps": 20, "guidance": 4.0}
 
 
@@ -101,7 +108,9 @@ def test_a_lone_request_equals_dcaccel_generate(batched, tmp_path):
     status, headers, png = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 7})
     assert status == 200 and headers["Content-Type"] == "image/png"
     assert headers["X-Seed"] == "7" and headers["X-Batch-Size"] == "1"
-    assert headers["X-Steps"] == "7 full, 13 shallow"
+    k = json.loads(open(shipped_calibration("shapes")).read())["default_budget"]
+    assert headers["X-Steps"] == f"{k} full, {20 - k} shallow"
+    assert headers["X-Schedule"] == f"calibrated, {k} full steps of 20"
     assert float(headers["X-Server-Seconds"]) >= float(headers["X-Pipeline-Seconds"]) > 0
     assert png == _generate_png(tmp_path, 7)
 
@@ -157,7 +166,9 @@ def test_bad_requests_get_400_naming_the_field(batched, body, field):
 def test_the_replica_keeps_serving_after_bad_requests(batched):
     for body in (b"\xff\xfe", b'{"prompt": null}', b'{"prompt": "a", "negative_prompt": 5}'):
         assert _request(batched + "/v1/generate", body)[0] == 400
-    assert _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 3, "steps": 4})[0] == 200
+    status, headers, _ = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 3, "steps": 4})
+    assert status == 200  # another step count than the shipped calibration's: the documented fallback, reported
+    assert headers["X-Schedule"].startswith("calibrated fallback: calibrated for 20 steps")
     assert _request(batched + "/nowhere")[0] == 404
     assert _request(batched + "/v1/generate", method="GET")[0] == 405
 

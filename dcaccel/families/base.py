@@ -56,6 +56,11 @@ class Family:
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         raise NotImplementedError
 
+    def probe(self, denoiser, cut: dict):
+        """A small module on the denoiser's weights whose output tells how much a step changed (for
+        schedule='dynamic'), with `input_names`; None where the family has none."""
+        return None
+
     def check_call(self, kwargs: dict) -> None:
         """Refuse, before anything runs, pipeline call arguments the graphs cannot honour."""
 

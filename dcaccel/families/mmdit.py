@@ -144,6 +144,23 @@ class ShallowMMDiT(_Split):
         return self.out(h, temb, height, width)
 
 
+class ProbeMMDiT(nn.Module):
+    """schedule='dynamic': the embeddings and the first max(1, head_blocks) blocks; returns what those blocks
+    added to the image stream (cache-dit's Fn residual)."""
+
+    input_names = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+    def __init__(self, transformer, head_blocks: int):
+        super().__init__()
+        self.embed = _Embed(transformer)
+        self.blocks = nn.ModuleList(transformer.transformer_blocks[:max(1, head_blocks)])
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        h, e, temb = self.embed(hidden_states, timestep, encoder_hidden_states, pooled_projections)
+        out, _ = _run(self.blocks, h, e, temb)
+        return out - h
+
+
 def split_transformer(transformer, head_blocks: int = DEFAULT_HEAD, tail_blocks: int = DEFAULT_TAIL):
     """Cut an SD3 transformer: (full, shallow), sharing its weights (no copies)."""
     return FullMMDiT(transformer, head_blocks, tail_blocks), ShallowMMDiT(transformer, head_blocks, tail_blocks)
@@ -184,6 +201,9 @@ class MMDiTFamily(Family):
     pipelines = PIPELINES
     cut_fields = ("head_blocks", "tail_blocks")
     default_interval = DEFAULT_INTERVAL
+
+    def probe(self, denoiser, cut: dict):
+        return ProbeMMDiT(denoiser, cut["head_blocks"])
 
     def matches(self, denoiser) -> bool:
         from diffusers import SD3Transformer2DModel
