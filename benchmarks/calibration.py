@@ -46,8 +46,14 @@ class Row:
             import dcaccel
 
             options = {} if self.engine_dir is None else {"engine_dir": self.engine_dir}
-            dcaccel.enable(pipe, dcaccel.DeepCacheConfig(**self.params), "eager" if self.engine_dir is None
-                           else "onnxruntime", **options)
+            params = dict(self.params)
+            order = params.pop("forecast_order", 0)
+            config = dcaccel.DeepCacheConfig(**params)
+            dcaccel.enable(pipe, config, "eager" if self.engine_dir is None else "onnxruntime", **options)
+            if order:  # forecasting is no config option (it did not move the front): installed as a policy
+                from dcaccel.policies import ForecastPolicy, use_policy
+
+                use_policy(pipe, ForecastPolicy(config, order))
         elif self.method == "DeepCacheSDHelper":
             from DeepCache import DeepCacheSDHelper
 

@@ -354,7 +354,9 @@ def prompts_sha256(prompts: list[str]) -> str:
 class _Runs:
     """Runs the pipeline on the calibration prompts under a policy; counts the cost."""
 
-    def __init__(self, pipe, prompts, steps, guidance, seed, batch, call_kwargs, wrapper, shallow_fraction):
+    def __init__(self, pipe, prompts, steps, guidance, seed, batch, call_kwargs, wrapper, shallow_fraction,
+                 objective):
+        self.objective = objective
         self.pipe, self.prompts, self.steps, self.guidance = pipe, prompts, steps, guidance
         self.seed, self.batch, self.call_kwargs, self.wrapper = seed, batch, call_kwargs, wrapper
         self.shallow_fraction = shallow_fraction
@@ -367,9 +369,10 @@ class _Runs:
         for start in range(0, len(self.prompts), self.batch):
             chunk = self.prompts[start:start + self.batch]
             gens = [torch.Generator().manual_seed(self.seed + start + i) for i in range(len(chunk))]
-            latents = self.pipe(prompt=chunk, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                                generator=gens, output_type="latent", **self.call_kwargs).images
-            out.append(latents.detach().float().cpu())
+            output = self.pipe(prompt=chunk, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                               generator=gens, output_type="pt" if self.objective == "image" else "latent",
+                               **self.call_kwargs).images
+            out.append(output.detach().float().cpu())
             st = self.wrapper.stats
             self.full_evals += len(st.full_steps)
             self.shallow_evals += len(st.shallow_steps)
@@ -377,16 +380,34 @@ class _Runs:
         return torch.cat(out)
 
 
+OBJECTIVES = {
+    "image": "mean over the calibration images of the RMSE of the decoded image (pixels in [0, 1]) to the "
+             "uncached one",
+    "latent": "mean over the calibration images of ||final latents - uncached final latents|| / ||uncached final "
+              "latents||",
+}
+
+
 def latent_error(latents: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over images of ||latents - reference|| / ||reference|| (the calibration error)."""
+    """Mean over images of ||latents - reference|| / ||reference|| (objective 'latent')."""
     a, b = latents.flatten(1), reference.flatten(1)
     return float(((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-12)).mean())
 
 
+def image_error(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over images of the RMSE between decoded images in [0, 1] (objective 'image'; a per-image PSNR is
+    -20 log10 of it)."""
+    return float((images - reference).flatten(1).pow(2).mean(1).sqrt().mean())
+
+
+def output_error(objective: str, output: torch.Tensor, reference: torch.Tensor) -> float:
+    return image_error(output, reference) if objective == "image" else latent_error(output, reference)
+
+
 def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: float = 4.0,
               config: DeepCacheConfig | None = None, seed: int = 0, *, batch_size: int | None = None,
-              max_gap: int | None = None, budgets=None, refine: int = 0, sensitivity: bool = True, progress=None,
-              **call_kwargs) -> Calibration:
+              max_gap: int | None = None, budgets=None, refine: int = 0, sensitivity: bool = True,
+              objective: str = "latent", progress=None, **call_kwargs) -> Calibration:
     """Calibrate the full-step schedule of `pipe` (see the module docstring) for the cut in `config` (its
     schedule fields are ignored), `num_inference_steps`, `guidance_scale` and any further pipeline call
     arguments (`strength=` and `image=` for img2img, a ControlNet's `image=`, ...), on `prompts` (image i uses
@@ -409,6 +430,8 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
     seed = check_int("seed", seed, 0)
     batch = len(prompts) if batch_size is None else check_int("batch_size", batch_size, 1)
     refine = check_int("refine", refine, 0, 10)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {sorted(OBJECTIVES)}")
     config = config or DeepCacheConfig()
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
@@ -424,7 +447,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
         state = dc.enabled_state(pipe)
         wrapper = state.wrapper
         fraction, flop_method = _shallow_fraction(pipe, family, model, cut, guidance, call_kwargs)
-        runs = _Runs(pipe, prompts, steps, guidance, seed, batch, call_kwargs, wrapper, fraction)
+        runs = _Runs(pipe, prompts, steps, guidance, seed, batch, call_kwargs, wrapper, fraction, objective)
         # 1. record the uncached trajectory and the one-step errors
         recorder = _LazyRecorder(max_gap)
         reference = runs(recorder)
@@ -448,7 +471,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
                 cfg = DeepCacheConfig(schedule="explicit", full_steps=steps_, **cut)
                 from .policies import StaticPolicy
 
-                measured[key] = latent_error(runs(StaticPolicy(cfg)), reference)
+                measured[key] = output_error(objective, runs(StaticPolicy(cfg)), reference)
                 say(f"real call {len(measured)}: {len(steps_)} full steps {steps_}: error {measured[key]:.4f}")
             return measured[key]
 
@@ -506,8 +529,7 @@ def calibrate(pipe, prompts, num_inference_steps: int = 20, guidance_scale: floa
         },
         "prompts": {"count": len(prompts), "sha256": prompts_sha256(prompts)},
         "seed": seed,
-        "error_metric": "mean over the calibration images of ||final latents - uncached final latents|| / "
-                        "||uncached final latents||",
+        "objective": objective, "error_metric": OBJECTIVES[objective],
         "shallow_fraction": fraction, "shallow_fraction_method": flop_method,
         "budgets": {str(k): {"full_steps": s, "flop_bound": flop_bound(n, k, fraction),
                              "error": measured[tuple(s)]} for k, s in sorted(chosen.items())},

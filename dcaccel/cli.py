@@ -107,6 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     add_cut_arguments(cal)
     cal.add_argument("--prompts", help="a text file, one prompt per line (default: the shapes models' calibration "
                                        "captions, else 8 built-in prompts)")
+    cal.add_argument("--images-per-prompt", type=int, default=1,
+                     help="calibrate on each prompt this many times, with other seeds (default 1)")
     cal.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
     cal.add_argument("--batch", type=int, help="prompts per pipeline call (default: all)")
     cal.add_argument("--max-gap", type=int, help="longest run of cached steps (default: half the steps)")
@@ -115,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     cal.add_argument("--no-sensitivity", action="store_true",
                      help="skip the per-step sensitivity calls (cheaper by one uncached call per step, worse "
                           "schedules: see README)")
+    cal.add_argument("--objective", choices=("latent", "image"), default="latent",
+                     help="what the search brings close to the uncached output: the final latents (default) or the "
+                          "decoded image (one VAE decode per call; fitted the 11 shapes captions closer and did "
+                          "worse on new ones: see README)")
     cal.add_argument("--threads", type=int, help="torch threads")
     cal.add_argument("--out", "-o", required=True, help="the calibration file to write (JSON)")
     cal.set_defaults(func=calibrate)
@@ -177,8 +183,6 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
                                                       "this speedup")
     p.add_argument("--calibration-fallback", action="store_true",
                    help="use a calibration made for another step count, guidance or model anyway (rescaled)")
-    p.add_argument("--forecast-order", type=int, default=0,
-                   help="extrapolate the cached feature from the last 2 (1) or 3 (2) full steps (default 0: off)")
     p.add_argument("--cache-start", type=int, default=0, help="cache only from this evaluation on")
     p.add_argument("--cache-end", type=int, help="cache only before this evaluation")
 
@@ -407,7 +411,7 @@ def cache_config(args):
                            power=args.power, full_steps=args.full_steps, cache_start=args.cache_start,
                            cache_end=args.cache_end, calibration=calibration, num_full_steps=args.num_full_steps,
                            speedup=args.speedup, calibration_fallback=args.calibration_fallback,
-                           forecast_order=args.forecast_order, threshold=args.threshold)
+                           threshold=args.threshold)
 
 
 def _shipped_fits(args, calibration) -> bool:
@@ -526,13 +530,11 @@ def generate(args) -> int:
     n_full, n_shallow = len(stats.full_steps), len(stats.shallow_steps)
     c = state.config
     if c.schedule == "calibrated":
-        how = (f"calibrated by {c.calibration.path}, {n_full} full steps {stats.full_steps}"
-               + (", forecast order %d" % c.forecast_order if c.forecast_order else ""))
+        how = f"calibrated by {c.calibration.path}, {n_full} full steps {stats.full_steps}"
     elif c.schedule == "dynamic":
         how = f"dynamic, threshold {c.threshold:g}, full steps {stats.full_steps}"
     else:
-        how = f"interval {c.interval}, {c.schedule}" + (", forecast order %d" % c.forecast_order
-                                                        if c.forecast_order else "")
+        how = f"interval {c.interval}, {c.schedule}"
     print(f"DeepCache {args.backend} ({how}, {state.family.cut_text(state.cut)}): "
           f"{n_full} full + {n_shallow} shallow {label} evaluations")
     print(f"  {label} loop {stats.denoiser_seconds:.2f} s, total {total:.2f} s -> {out}")
@@ -619,6 +621,9 @@ def calibrate(args) -> int:
         prompts = [s.caption for s in calibration_scenes()]
     else:
         prompts = list(CALIBRATION_PROMPTS)
+    if not 1 <= args.images_per_prompt <= 100:
+        raise ValueError(f"--images-per-prompt must be an integer in 1..100, got {args.images_per_prompt}")
+    prompts = prompts * args.images_per_prompt  # image i of the list uses seed + i
     if is_shapes_model(args.model) and args.guidance is None:
         from . import shapes
 
@@ -656,7 +661,8 @@ def calibrate(args) -> int:
           f"{type(pipe.scheduler).__name__}")
     cal = run_calibration(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
                           config=config, seed=args.seed, batch_size=args.batch, max_gap=args.max_gap,
-                          refine=args.refine, sensitivity=not args.no_sensitivity, progress=progress, **call)
+                          refine=args.refine, sensitivity=not args.no_sensitivity, objective=args.objective,
+                          progress=progress, **call)
     cal.save(out)
     search = cal.data["search"]
     print(cal.table())

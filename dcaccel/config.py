@@ -12,7 +12,6 @@ import numbers
 from dataclasses import asdict, dataclass, field
 
 SCHEDULES = ("uniform", "nonuniform", "explicit", "calibrated", "dynamic")
-MAX_FORECAST_ORDER = 2  # TaylorSeer-style extrapolation of the cached feature: order 1 or 2
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_POWER = 8.0  # the non-uniform schedule's power law; beyond this every full step sits at the center anyway
 
@@ -92,8 +91,6 @@ class DeepCacheConfig:
                 anyway (its full steps rescaled to the call's evaluations, with a warning naming what differs)
                 instead of refusing it.
     threshold:  schedule="dynamic": the relative L1 change of the probe below which a step is cached.
-    forecast_order: 0 (off), 1 or 2: on a cached step, extrapolate the cached feature from the last 2 or 3 full
-                steps (TaylorSeer's idea, in the step loop's buffers) instead of reusing the last one as it is.
     cut_controlnet: ControlNet pipelines: run only the ControlNets' first layers on cached steps (what the shallow
                 U-Net reads; the default, same output). False runs them whole on every step.
     """
@@ -113,7 +110,6 @@ class DeepCacheConfig:
     num_full_steps: int | None = None
     speedup: float | None = None
     calibration_fallback: bool = False
-    forecast_order: int = 0
     threshold: float | None = None
 
     def __post_init__(self):
@@ -126,7 +122,6 @@ class DeepCacheConfig:
             put("threshold", check_real("threshold", self.threshold, 0.0, 10.0, low_open=True))
         elif self.threshold is not None:
             raise ValueError(f"threshold only applies with schedule='dynamic', not {self.schedule!r}")
-        put("forecast_order", check_int("forecast_order", self.forecast_order, 0, MAX_FORECAST_ORDER))
         if not isinstance(self.cut_controlnet, bool):
             raise ValueError(f"cut_controlnet must be True or False, got {self.cut_controlnet!r}")
         if self.interval is not None:

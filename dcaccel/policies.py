@@ -6,7 +6,9 @@ state is reset by begin() at the start of every pipeline call, so nothing surviv
               step reads the feature the last full step left in the buffers
     forecast  the same full steps; a cached step reads the feature extrapolated from the last 2 (order 1) or 3
               (order 2) full steps, written into the runner's own cache buffers (TaylorSeer's idea, on every
-              backend: the buffers are what every runner's shallow graph reads)
+              backend: the buffers are what every runner's shallow graph reads). Measured against the calibrated
+              schedules it does not move the quality/speed front (README, "Forecasting"), so no DeepCacheConfig
+              field selects it: experiments install it with use_policy(pipe, ForecastPolicy(config, order))
     dynamic   SD 3 transformers: a probe of the first blocks decides per evaluation, for the whole batch, whether
               the shallow graph may run (cache-dit's DBCache rule with static graphs)
     record    calibration only (dcaccel.calibration): every step is full, and the shallow graph is also run on the
@@ -67,9 +69,11 @@ class ForecastPolicy(StaticPolicy):
 
     name = "forecast"
 
-    def __init__(self, config: DeepCacheConfig):
+    def __init__(self, config: DeepCacheConfig, order: int = 1):
         super().__init__(config)
-        self.order = config.forecast_order
+        if order not in (1, 2):
+            raise ValueError(f"forecast order must be 1 or 2, got {order!r}")
+        self.order = order
         self.history: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def begin(self, num_steps: int) -> None:
@@ -195,8 +199,18 @@ POLICIES = {"static": StaticPolicy, "forecast": ForecastPolicy, "dynamic": Dynam
 
 
 def policy_for(config: DeepCacheConfig, probe=None):
-    """The policy a config asks for: dynamic for schedule='dynamic' (with the family's probe), forecast when
-    forecast_order > 0, else static."""
+    """The policy a config asks for: dynamic for schedule='dynamic' (with the family's probe), else static."""
     if config.schedule == "dynamic":
         return DynamicPolicy(config, probe)
-    return POLICIES["forecast" if config.forecast_order else "static"](config)
+    return StaticPolicy(config)
+
+
+def use_policy(pipe, policy) -> None:
+    """Put another policy into an enabled pipeline's step loop (for experiments: forecasting). The next call
+    begins it afresh; dcaccel.disable drops it with the step loop."""
+    from .pipeline import enabled_state
+
+    state = enabled_state(pipe)
+    if state is None:
+        raise RuntimeError("DeepCache is not enabled on this pipeline")
+    state.wrapper.policy = policy
