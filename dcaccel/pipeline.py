@@ -55,6 +55,7 @@ class EnabledState:
     info: dict
     bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
     restore_extras: object = None      # undoes what the family did besides the denoiser (ControlNet calls)
+    settings: dict = field(default_factory=dict)  # family.graph_settings the graphs were made with (FreeU)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     def graphs(self) -> dict[str, torch.nn.Module]:
@@ -67,7 +68,12 @@ class EnabledState:
         return seconds
 
     def check_weights(self) -> None:
-        """Refit if the denoiser's weights changed since the runner took them; raise if the runner cannot."""
+        """Refit if the denoiser's weights or graph settings (FreeU) changed since the runner took them; raise if
+        the runner cannot."""
+        settings = self.family.graph_settings(self.model)
+        if settings != self.settings:
+            self._take_settings(settings)
+            return
         now = weights_fingerprint(self.model, values=self.bakes_weights)
         if fingerprints_equal(now, self.runner.weights_fingerprint):
             return
@@ -87,6 +93,20 @@ class EnabledState:
         if self.bakes_weights:
             logger.warning("the %s's weights changed after dcaccel.enable: %s graphs refitted in %.2f s",
                            self.family.denoiser_attr, self.backend, seconds)
+
+
+    def _take_settings(self, settings: dict) -> None:
+        changed = ", ".join(f"{k} {self.settings.get(k)} -> {v}" for k, v in settings.items()
+                            if self.settings.get(k) != v)
+        if not getattr(self.runner, "follows_settings", False):
+            raise EngineError(
+                f"the {self.family.denoiser_attr}'s settings changed after dcaccel.enable ({changed}), and the "
+                f"{self.backend} graphs were built with the old ones (constants of the engine): set them back, or "
+                "dcaccel.disable(pipe) and enable it again with an engine built for the new ones")
+        seconds = self.refit()
+        self.settings = settings
+        logger.info("the %s's settings changed (%s): %s graphs made again in %.2f s", self.family.denoiser_attr,
+                    changed, self.backend, seconds)
 
 
 def enabled_state(pipe) -> EnabledState | None:
@@ -226,7 +246,7 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
     state = EnabledState(family=family, denoiser=denoiser, model=model, wrapper=wrapper, runner=runner,
                          backend=backend, config=config, cut=cut, original_class=type(pipe), info=info,
-                         bakes_weights=bakes)
+                         bakes_weights=bakes, settings=family.graph_settings(model))
     if getattr(runner, "weights_fingerprint", None) is None:  # a runner kept from an earlier attach has its own
         runner.weights_fingerprint = weights_fingerprint(model, values=bakes)
     state.restore_extras = family.attach_extras(pipe, wrapper)

@@ -23,6 +23,7 @@ class Options(BackendOptions):
 
 
 class EagerRunner:
+    follows_settings = True  # refit cuts the graphs again, so they take the model's new settings (FreeU)
     static_shapes = None
 
     def __init__(self, graphs: dict[str, torch.nn.Module], specs: dict[str, GraphSpec]):

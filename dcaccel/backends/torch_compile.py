@@ -49,6 +49,7 @@ class Options(BackendOptions):
 
 
 class CompiledRunner:
+    follows_settings = True  # refit compiles the new graphs when their settings (FreeU) changed
     def __init__(self, graphs, specs, options: Options, cache_bytes: bytes | None = None):
         device = device_of(graphs)
         options = options.resolved(device)
@@ -89,13 +90,17 @@ class CompiledRunner:
         tensors, so there is nothing to do; the fail_on_recompile stance proves it at the next call.
         freezing=True (the CPU default): the weights are constants of the compiled code, so both graphs are
         compiled again, which costs as much as the first compile (that is the price of freezing's speed). Either
-        way the graphs are compiled again if their modules are other objects than those compiled.
+        way the graphs are compiled again if their modules are other objects than those compiled, or their
+        settings (FreeU's factors) changed.
         """
         same = all([id(p) for p in graphs[n].parameters()] == [id(p) for p in self.graphs[n].parameters()]
                    for n in ("full", "shallow"))
-        if same and not self.freezing:
+        settings = all(getattr(graphs[n], "graph_settings", None) == getattr(self.graphs[n], "graph_settings", None)
+                       for n in ("full", "shallow"))
+        if same and settings and not self.freezing:
             return 0.0
         logger.info("torch.compile refit: compiling both graphs again (%s)",
+                    "the graphs' settings changed" if not settings else
                     "freezing=True: weights are constants" if same else "the model's modules changed")
         old = self.graphs, self.full, self.shallow
         self.graphs = graphs

@@ -56,6 +56,11 @@ class Family:
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         raise NotImplementedError
 
+    def graph_settings(self, denoiser) -> dict:
+        """Settings of the denoiser, other than its weights, that its graphs compute with (the U-Net's FreeU
+        factors): a change after enable makes the graphs be cut again, or is refused where they cannot be."""
+        return {}
+
     def probe(self, denoiser, cut: dict):
         """A small module on the denoiser's weights whose output tells how much a step changed (for
         schedule='dynamic'), with `input_names`; None where the family has none."""

@@ -168,11 +168,12 @@ class FullControlled(nn.Module):
         self.unet = FullUNet(model.unet, branch)
         self.controlnets = nn.ModuleList(ControlNetGraph(cn, block, layer, full=True) for cn in model.controlnets)
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, **control):
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None, timestep_cond=None,
+                **control):
         inputs = {"timestep": timestep, **control}
         down, mid = _control_residuals(self.controlnets, sample.shape[0], inputs)
         return self.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals=down,
-                         mid_residual=mid)
+                         mid_residual=mid, timestep_cond=timestep_cond)
 
 
 class ShallowControlled(nn.Module):
@@ -190,12 +191,12 @@ class ShallowControlled(nn.Module):
         return True  # the ControlNets read the prompt (the U-Net's own shallow part may not)
 
     def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None,
-                **control):
+                timestep_cond=None, **control):
         inputs = {"timestep": timestep, **control}
         down, _ = _control_residuals(self.controlnets, sample.shape[0], inputs)
         n = self.unet.num_residuals
         return self.unet(sample, timestep, encoder_hidden_states, feature, text_embeds, time_ids,
-                         down_residuals=down[:n])
+                         down_residuals=down[:n], timestep_cond=timestep_cond)
 
 
 def split_controlled(model: ControlledUNet, branch: int = 0, cut_controlnet: bool = True):
@@ -211,9 +212,9 @@ def cond_factor(cn) -> int:
     return 2 ** (len(cn.config.conditioning_embedding_out_channels) - 1)
 
 
-def graph_specs(model: ControlledUNet, branch: int, build: BuildConfig, vae_scale: int, text_len: int
-                ) -> dict[str, GraphSpec]:
-    specs = unet_family.graph_specs(model.unet, branch, build, vae_scale, text_len)
+def graph_specs(model: ControlledUNet, branch: int, build: BuildConfig, vae_scale: int, text_len: int,
+                time_ids: int = 6) -> dict[str, GraphSpec]:
+    specs = unet_family.graph_specs(model.unet, branch, build, vae_scale, text_len, time_ids)
     full, shallow = specs["full"], specs["shallow"]
     b = build.graph_batch
     bc = b // 2 if build.guess_mode and build.cfg else b
@@ -222,8 +223,9 @@ def graph_specs(model: ControlledUNet, branch: int, build: BuildConfig, vae_scal
     control = [TensorSpec("control_sample", (bc, cn0.in_channels, h, w), dt),
                TensorSpec("control_encoder_hidden_states", (bc, text_len, cn0.cross_attention_dim), dt)]
     if cn0.addition_embed_type == "text_time":
-        pooled = cn0.projection_class_embeddings_input_dim - 6 * cn0.addition_time_embed_dim
-        control += [TensorSpec("control_text_embeds", (bc, pooled), dt), TensorSpec("control_time_ids", (bc, 6), dt)]
+        pooled = cn0.projection_class_embeddings_input_dim - time_ids * cn0.addition_time_embed_dim
+        control += [TensorSpec("control_text_embeds", (bc, pooled), dt),
+                    TensorSpec("control_time_ids", (bc, time_ids), dt)]
     for k, cn in enumerate(model.controlnets):
         control += [TensorSpec(f"control_cond_{k}", (bc, cn.config.conditioning_channels, build.height,
                                                      build.width), dt),
@@ -280,11 +282,15 @@ class ControlNetFamily(Family):
         return geometry
 
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
-        return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"])
+        return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"],
+                           geometry.get("time_ids", 6))
 
     def config_dict(self, denoiser) -> dict:
-        return {"unet": normalized_config(dict(denoiser.unet.config)),
+        return {"unet": unet_family.FAMILY.config_dict(denoiser.unet),
                 "controlnets": [normalized_config(dict(cn.config)) for cn in denoiser.controlnets]}
+
+    def graph_settings(self, denoiser) -> dict:
+        return unet_family.FAMILY.graph_settings(denoiser.unet)
 
     def check_call(self, kwargs: dict) -> None:
         unet_family.FAMILY.check_call(kwargs)

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..config import BuildConfig, DeepCacheConfig
 from ..graphs.spec import GraphSpec, TensorSpec
-from .base import Family, timestep_input
+from ..graphs.ops import FREEU_KEYS, apply_freeu
+from .base import Family, normalized_config, timestep_input
 
 BRANCHES_PER_BLOCK = 3
 SUPPORTED_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -50,8 +51,6 @@ def check_unet(unet) -> None:
         problems.append(f"addition_embed_type={cfg.addition_embed_type!r} (only None or 'text_time' as in SDXL)")
     if getattr(unet, "encoder_hid_proj", None) is not None:
         problems.append("encoder_hid_proj (IP-Adapter style projections are not supported)")
-    if getattr(cfg, "time_cond_proj_dim", None) is not None:
-        problems.append("time_cond_proj_dim (LCM-distilled U-Nets; use LCM-LoRA on a standard U-Net instead)")
     down = [type(b).__name__ for b in unet.down_blocks]
     up = [type(b).__name__ for b in unet.up_blocks]
     if any(d not in SUPPORTED_DOWN for d in down):
@@ -73,10 +72,24 @@ def check_unet(unet) -> None:
         raise ValueError("unsupported UNet2DConditionModel configuration: " + "; ".join(problems))
 
 
-def _check_freeu(up_blocks) -> None:
-    for block in up_blocks:
-        if all(getattr(block, k, None) for k in ("s1", "s2", "b1", "b2")):
-            raise ValueError("FreeU is enabled on this U-Net; call pipe.disable_freeu() before dcaccel.enable")
+def freeu_settings(unet) -> dict | None:
+    """The FreeU factors set on `unet` ({s1, s2, b1, b2}, as `pipe.enable_freeu` sets them on every up block),
+    or None when FreeU is off. Both graphs apply them exactly as diffusers' up blocks do; they are part of what a
+    build is for (engines record them, and a change after enable is refitted or refused, never ignored)."""
+    per_block = []
+    for block in unet.up_blocks:
+        values = {k: getattr(block, k, None) for k in FREEU_KEYS}
+        per_block.append(values if all(values.values()) else None)  # diffusers' own test: all four truthy
+    if all(v is None for v in per_block):
+        return None
+    first = next(v for v in per_block if v is not None)
+    if any(v != first for v in per_block):
+        raise ValueError("FreeU factors differ between this U-Net's up blocks; set them with pipe.enable_freeu(s1=, "
+                         "s2=, b1=, b2=), which gives every up block the same ones, or pipe.disable_freeu()")
+    bad = {k: v for k, v in first.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    if bad:
+        raise ValueError(f"FreeU factors must be numbers, got {bad}")
+    return {k: float(v) for k, v in first.items()}
 
 
 class _Stem(nn.Module):
@@ -94,13 +107,14 @@ class _Stem(nn.Module):
             self.add_time_proj = unet.add_time_proj
             self.add_embedding = unet.add_embedding
 
-    def forward(self, sample, timestep, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, text_embeds=None, time_ids=None, timestep_cond=None):
+        """timestep_cond: the guidance embedding of LCM- and guidance-distilled U-Nets (time_cond_proj_dim)."""
         if self.center_input_sample:
             sample = 2 * sample - 1.0
         if timestep.dim() == 0:
             timestep = timestep[None]
         t_emb = self.time_proj(timestep.expand(sample.shape[0])).to(dtype=sample.dtype)
-        emb = self.time_embedding(t_emb)
+        emb = self.time_embedding(t_emb, timestep_cond)
         if self.text_time:
             if text_embeds is None or time_ids is None:
                 raise ValueError("this U-Net (addition_embed_type='text_time', SDXL) needs text_embeds and time_ids")
@@ -179,6 +193,9 @@ class _UpPath(nn.Module):
         attns = getattr(first, "attentions", None)
         self.attentions = nn.ModuleList(attns[sl]) if attns is not None and len(self.resnets) else None
         self.upsamplers = None if deep else first.upsamplers
+        # FreeU on the partial block, applied here as its forward would (the whole blocks apply their own).
+        self.freeu = freeu_settings(unet)
+        self.resolution_idx = block
         # Which up blocks are followed by another (only those get upsample_size), as in UNet2DConditionModel.
         self.final_index = len(ups) - 1
         self.first_index = 0 if deep else block + 1
@@ -192,7 +209,10 @@ class _UpPath(nn.Module):
 
     def _partial(self, h, emb, res, encoder_hidden_states, forward_size):
         for i, resnet in enumerate(self.resnets):
-            h = resnet(torch.cat([h, res.pop()], dim=1), emb)
+            skip = res.pop()
+            if self.freeu is not None:  # out of place: h may be the feature, a graph input or output
+                h, skip = apply_freeu(self.resolution_idx, h, skip, self.freeu)
+            h = resnet(torch.cat([h, skip], dim=1), emb)
             if self.attentions is not None:
                 h = _attend(self.attentions[i], h, encoder_hidden_states)
         if self.upsamplers is not None:
@@ -222,6 +242,21 @@ class _UpPath(nn.Module):
         return self._whole(h, emb, res, encoder_hidden_states, forward_size)
 
 
+def text_length(pipe) -> int:
+    """Text tokens per prompt the U-Net attends to: the tokenizer's model_max_length (the SDXL refiner has only
+    tokenizer_2), or, for a pipeline without tokenizers (called with prompt_embeds), its text encoder's
+    max_position_embeddings, else CLIP's 77. Eager graphs take any length; static engines check it per call."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        if tokenizer is not None:
+            return int(tokenizer.model_max_length)
+    for name in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, name, None)
+        if encoder is not None:
+            return int(encoder.config.max_position_embeddings)
+    return 77
+
+
 def _forward_upsample_size(sample, num_upsamplers: int) -> bool:
     factor = 2 ** num_upsamplers
     return any(d % factor != 0 for d in sample.shape[-2:])
@@ -245,8 +280,8 @@ class FullUNet(nn.Module):
     def __init__(self, unet, branch: int = 0):
         super().__init__()
         block, _, up_block, start = _locate(unet, branch)
-        _check_freeu(unet.up_blocks)
         self.branch = branch
+        self.graph_settings = {"freeu": freeu_settings(unet)}
         self.stem = _Stem(unet)
         self.down = _DownPath(unet, len(unet.down_blocks), 0)
         self.mid_block = unet.mid_block
@@ -256,10 +291,10 @@ class FullUNet(nn.Module):
         self.num_upsamplers = unet.num_upsamplers
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-                down_residuals=None, mid_residual=None):
+                down_residuals=None, mid_residual=None, timestep_cond=None):
         """down_residuals/mid_residual: a ControlNet's, added where UNet2DConditionModel adds them."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
-        emb, h = self.stem(sample, timestep, text_embeds, time_ids)
+        emb, h = self.stem(sample, timestep, text_embeds, time_ids, timestep_cond)
         h, res = self.down(h, emb, encoder_hidden_states)
         if down_residuals is not None:
             res = [r + d for r, d in zip(res, down_residuals)]
@@ -279,8 +314,8 @@ class ShallowUNet(nn.Module):
     def __init__(self, unet, branch: int = 0):
         super().__init__()
         block, layer, up_block, start = _locate(unet, branch)
-        _check_freeu(unet.up_blocks)
         self.branch = branch
+        self.graph_settings = {"freeu": freeu_settings(unet)}
         self.stem = _Stem(unet)
         self.down = _DownPath(unet, block, layer)
         self.shallow_up = _UpPath(unet, up_block, start)
@@ -300,11 +335,11 @@ class ShallowUNet(nn.Module):
         return any(isinstance(m, Transformer2DModel) for m in self.modules())
 
     def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None,
-                down_residuals=None):
+                down_residuals=None, timestep_cond=None):
         """down_residuals: the first `num_residuals` of a ControlNet's down residuals (the others feed cached
         modules)."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
-        emb, h = self.stem(sample, timestep, text_embeds, time_ids)
+        emb, h = self.stem(sample, timestep, text_embeds, time_ids, timestep_cond)
         _, res = self.down(h, emb, encoder_hidden_states)
         if down_residuals is not None:
             res = [r + d for r, d in zip(res, down_residuals)]
@@ -346,16 +381,20 @@ PIPELINES = (
     "StableDiffusionXLPipeline",
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
+    "LatentConsistencyModelPipeline",
+    "LatentConsistencyModelImg2ImgPipeline",
 )
 # U-Net arguments the pipelines pass (as None) that the graphs cannot honour when set.
 _UNSUPPORTED_KWARGS = (
-    "class_labels", "timestep_cond", "attention_mask", "down_block_additional_residuals",
+    "class_labels", "attention_mask", "down_block_additional_residuals",
     "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
 )
 
 
-def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_len: int = 77) -> dict[str, GraphSpec]:
-    """The full and shallow GraphSpecs for `unet` cut at `branch`, at the build's resolution, batch and dtype."""
+def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_len: int = 77,
+                time_ids: int = 6) -> dict[str, GraphSpec]:
+    """The full and shallow GraphSpecs for `unet` cut at `branch`, at the build's resolution, batch and dtype.
+    `time_ids`: SDXL's micro-conditioning values per image (6; 5 for the refiner's aesthetic-score layout)."""
     _locate(unet, branch)
     for name in ("height", "width"):
         if getattr(build, name) % vae_scale:
@@ -369,8 +408,10 @@ def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_
         TensorSpec("encoder_hidden_states", (b, text_len, cfg.cross_attention_dim), dt),
     ]
     if cfg.addition_embed_type == "text_time":
-        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-        inputs += [TensorSpec("text_embeds", (b, pooled), dt), TensorSpec("time_ids", (b, 6), dt)]
+        pooled = cfg.projection_class_embeddings_input_dim - time_ids * cfg.addition_time_embed_dim
+        inputs += [TensorSpec("text_embeds", (b, pooled), dt), TensorSpec("time_ids", (b, time_ids), dt)]
+    if cfg.time_cond_proj_dim is not None:  # LCM- and guidance-distilled U-Nets: the guidance embedding
+        inputs.append(TensorSpec("timestep_cond", (b, cfg.time_cond_proj_dim), dt))
     noise = TensorSpec("noise", (b, cfg.out_channels, h, w), dt)
     feature = TensorSpec("feature", feature_shape(unet, branch, b, h, w), dt)
     shallow_inputs = inputs[:2] + [feature] + inputs[3:]
@@ -410,11 +451,23 @@ class UNetFamily(Family):
     def split(self, denoiser, cut: dict):
         return split_unet(denoiser, cut["branch"])
 
+    def graph_settings(self, denoiser) -> dict:
+        return {"freeu": freeu_settings(denoiser)}
+
+    def config_dict(self, denoiser) -> dict:
+        config = normalized_config(dict(denoiser.config))
+        freeu = freeu_settings(denoiser)
+        return config if freeu is None else {**config, "freeu": freeu}
+
     def geometry(self, pipe) -> dict:
-        return {"vae_scale_factor": int(pipe.vae_scale_factor), "text_len": int(pipe.tokenizer.model_max_length)}
+        geometry = {"vae_scale_factor": int(pipe.vae_scale_factor), "text_len": text_length(pipe)}
+        if getattr(pipe.config, "requires_aesthetics_score", False):  # the SDXL refiner: 5 time ids, not 6
+            geometry["time_ids"] = 5
+        return geometry
 
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
-        return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"])
+        return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"],
+                           geometry.get("time_ids", 6))
 
     def check_call(self, kwargs: dict) -> None:
         if kwargs.get("cross_attention_kwargs"):
@@ -434,14 +487,15 @@ class UNetFamily(Family):
         encoder_hidden_states = kwargs.pop("encoder_hidden_states", None)
         cross_attention_kwargs = kwargs.pop("cross_attention_kwargs", None)
         added_cond_kwargs = kwargs.pop("added_cond_kwargs", None)
+        timestep_cond = kwargs.pop("timestep_cond", None)
         kwargs.pop("return_dict", None)
         bad = [k for k in kwargs if k not in _UNSUPPORTED_KWARGS]
         if bad:
             raise TypeError(f"unexpected U-Net arguments {bad}")
         used = sorted(k for k in kwargs if kwargs[k] is not None)
         if used:
-            raise ValueError(f"dcaccel does not support the U-Net arguments {used} (ControlNet, adapters, masks, "
-                             "LCM-distilled timestep_cond); disable DeepCache for such pipelines")
+            raise ValueError(f"dcaccel does not support the U-Net arguments {used} (class labels, attention masks, "
+                             "T2I-Adapter residuals); disable DeepCache for such pipelines")
         if cross_attention_kwargs:
             raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported: fuse LoRA "
                              "scales into the weights (dcaccel.lora) instead of passing them per call")
@@ -452,6 +506,14 @@ class UNetFamily(Family):
                 raise ValueError("an SDXL U-Net needs added_cond_kwargs with text_embeds and time_ids")
             inputs["text_embeds"] = added_cond_kwargs["text_embeds"]
             inputs["time_ids"] = added_cond_kwargs["time_ids"]
+        if denoiser.config.time_cond_proj_dim is not None:
+            if timestep_cond is None:
+                raise ValueError(f"this U-Net is guidance-distilled (time_cond_proj_dim="
+                                 f"{denoiser.config.time_cond_proj_dim}) and needs timestep_cond, the guidance "
+                                 "embedding its pipeline computes from guidance_scale")
+            inputs["timestep_cond"] = timestep_cond
+        elif timestep_cond is not None:
+            raise ValueError("timestep_cond was given to a U-Net without time_cond_proj_dim (it would be ignored)")
         return inputs
 
     def output(self, noise: torch.Tensor, return_dict: bool):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import require
+from .ops import exportable
 from .spec import GraphSpec, PositionalGraph
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
     module = PositionalGraph(graph, spec).eval()
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         raw = Path(tmp) / "graph.onnx"
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), exportable():
             warnings.simplefilter("ignore")
             if exporter == "torchscript":
                 torch.onnx.export(module, args, str(raw), input_names=spec.input_names,

@@ -72,7 +72,9 @@ class GraphSpec:
             if t.name == "timestep":
                 x = torch.full(t.shape, 501.0)
             elif t.name == "time_ids":
-                x = torch.tensor([512.0, 512.0, 0.0, 0.0, 512.0, 512.0]).repeat(t.shape[0], 1)
+                # SDXL's original size, crop and target size (the refiner's 5: aesthetic score for the target)
+                values = [512.0, 512.0, 0.0, 0.0] + ([6.0] if t.shape[1] == 5 else [512.0, 512.0])
+                x = torch.tensor(values).repeat(t.shape[0], 1)
             else:
                 x = torch.randn(t.shape, generator=g)
             out[t.name] = x.to(device=device, dtype=t.torch_dtype)

@@ -1,0 +1,277 @@
+"""Diffusers features a Stable Diffusion user switches on, with DeepCache: at interval 1 an enabled pipeline is the
+plain one (bit for bit on eager, within the backend's tolerance elsewhere), with caching it matches the reference
+DeepCacheSDHelper where that supports the feature, and what cannot be honoured is refused before anything runs."""
+
+import pytest
+import torch
+
+import dcaccel
+from dcaccel import DeepCacheConfig
+from dcaccel.errors import EngineError
+
+from conftest import run_latents
+
+FREEU = {"s1": 0.9, "s2": 0.2, "b1": 1.2, "b2": 1.4}  # diffusers' test values
+
+
+def _ddim(pipe):
+    import diffusers
+
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+@pytest.fixture
+def freeu_off():
+    """Pipelines given to this fixture get FreeU switched off again after the test (they are shared)."""
+    pipes = []
+    yield pipes.append
+    for pipe in pipes:
+        if dcaccel.is_enabled(pipe):
+            dcaccel.disable(pipe)
+        pipe.disable_freeu()
+
+
+# -- FreeU ------------------------------------------------------------------------------------------------------------
+
+
+def test_freeu_filter_without_fft_equals_diffusers():
+    from diffusers.utils.torch_utils import fourier_filter
+
+    from dcaccel.graphs.ops import fourier_filter_matmul
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 8, 8), (1, 2, 7, 5), (1, 1, 1, 4), (2, 4, 16, 12)]:
+        x = torch.randn(shape, generator=g)
+        torch.testing.assert_close(fourier_filter_matmul(x, 0.3), fourier_filter(x, 1, 0.3), rtol=0, atol=2e-6)
+        assert not torch.equal(fourier_filter_matmul(x, 0.3), x)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-xl"])
+def test_freeu_at_interval_one_is_the_plain_pipeline(tiny_pipe, freeu_off, arch):
+    """Both up blocks of the tiny U-Nets are under FreeU (as in diffusers' test dummies), so both graphs apply it;
+    switched on before enable or after it, the images are the plain pipeline's with FreeU, bit for bit."""
+    pipe = _ddim(tiny_pipe(arch))
+    freeu_off(pipe)
+    plain = run_latents(pipe)
+    pipe.enable_freeu(**FREEU)
+    plain_freeu = run_latents(pipe)
+    assert (plain_freeu - plain).abs().max() > 1e-3  # FreeU changes the image
+
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    torch.testing.assert_close(run_latents(pipe), plain_freeu, rtol=0, atol=0)
+    pipe.disable_freeu()                      # switched off on an enabled pipeline: the graphs follow
+    torch.testing.assert_close(run_latents(pipe), plain, rtol=0, atol=0)
+    pipe.enable_freeu(**FREEU)                # and on again
+    torch.testing.assert_close(run_latents(pipe), plain_freeu, rtol=0, atol=0)
+    dcaccel.disable(pipe)
+
+
+@pytest.mark.parametrize("arch,branch", [("tiny", 0), ("tiny", 4), ("tiny-xl", 2)])
+def test_freeu_with_caching_matches_reference(tiny_pipe, freeu_off, arch, branch):
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = _ddim(tiny_pipe(arch))
+    freeu_off(pipe)
+    pipe.enable_freeu(**FREEU)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=3, cache_branch_id=branch)
+    helper.enable()
+    try:
+        ref = run_latents(pipe, steps=8)
+    finally:
+        helper.disable()
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, branch=branch))
+    ours = run_latents(pipe, steps=8)
+    assert dcaccel.last_stats(pipe).shallow_steps
+    dcaccel.disable(pipe)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    pipe.disable_freeu()
+    assert (run_latents(pipe, steps=8) - ref).abs().max() > 1e-3
+
+
+def test_freeu_settings_are_checked(tiny_pipe, freeu_off):
+    pipe = tiny_pipe("tiny")
+    freeu_off(pipe)
+    pipe.unet.up_blocks[0].s1, pipe.unet.up_blocks[0].s2 = 0.9, 0.2
+    pipe.unet.up_blocks[0].b1, pipe.unet.up_blocks[0].b2 = 1.2, 1.4   # one block only: not what enable_freeu does
+    with pytest.raises(ValueError, match="differ between this U-Net's up blocks"):
+        dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    assert not dcaccel.is_enabled(pipe)
+
+
+def test_freeu_on_onnxruntime_equals_eager_and_a_change_is_refused(tiny_pipe, freeu_off, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pipe = _ddim(tiny_pipe("tiny"))
+    freeu_off(pipe)
+    pipe.enable_freeu(**FREEU)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3))
+    eager = run_latents(pipe, steps=6)
+    dcaccel.disable(pipe)
+
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", height=32, width=32, batch_size=1)
+    torch.testing.assert_close(run_latents(pipe, steps=6), eager, rtol=1e-4, atol=1e-4)
+    pipe.disable_freeu()
+    with pytest.raises(EngineError, match=r"settings changed after dcaccel.enable \(freeu"):
+        run_latents(pipe, steps=6)
+    pipe.enable_freeu(**FREEU)                # set back: runs again
+    torch.testing.assert_close(run_latents(pipe, steps=6), eager, rtol=1e-4, atol=1e-4)
+    dcaccel.disable(pipe)
+
+    # An engine directory records FreeU: one built without it is refused for a pipeline with it, naming the field.
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+
+    pipe.disable_freeu()
+    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, batch_size=1, backend="onnxruntime"),
+                                 out_dir=tmp_path, model_name="tiny")
+    pipe.enable_freeu(**FREEU)
+    with pytest.raises(EngineError, match="model_config.freeu"):
+        dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory)
+    assert not dcaccel.is_enabled(pipe)
+
+
+@pytest.mark.slow  # 45 s of compiling
+def test_freeu_on_torch_compile_follows_a_change(tiny_pipe, freeu_off):
+    pipe = _ddim(tiny_pipe("tiny"))
+    freeu_off(pipe)
+    plain = run_latents(pipe, steps=4)
+    pipe.enable_freeu(**FREEU)
+    plain_freeu = run_latents(pipe, steps=4)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1), backend="torch_compile", height=32, width=32, batch_size=1,
+                   freezing=False)
+    torch.testing.assert_close(run_latents(pipe, steps=4), plain_freeu, rtol=2e-3, atol=2e-3)
+    pipe.disable_freeu()                      # compiled again with FreeU off
+    torch.testing.assert_close(run_latents(pipe, steps=4), plain, rtol=2e-3, atol=2e-3)
+    dcaccel.disable(pipe)
+
+
+# -- SDXL refiner, pipelines without a tokenizer ---------------------------------------------------------------------
+
+
+def _refiner():
+    """A tiny SDXL refiner: only text_encoder_2 / tokenizer_2, aesthetic-score conditioning (5 time ids)."""
+    import diffusers
+
+    from dcaccel.models import architecture_config, build_components
+
+    comps = build_components("tiny-xl", seed=0)
+    cfg = architecture_config("tiny-xl")
+    pooled = cfg["text_encoder_2"]["projection_dim"]
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{
+        **cfg["unet"], "cross_attention_dim": cfg["text_encoder_2"]["hidden_size"],
+        "projection_class_embeddings_input_dim": pooled + 5 * cfg["unet"]["addition_time_embed_dim"]}).eval()
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=comps["vae"], text_encoder=None, text_encoder_2=comps["text_encoder_2"], tokenizer=None,
+        tokenizer_2=comps["tokenizer_2"], unet=unet, scheduler=comps["scheduler"], requires_aesthetics_score=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _base_then_refiner(base, refiner, seed=0):
+    latents = base(prompt="a red circle", num_inference_steps=10, denoising_end=0.7, output_type="latent",
+                   height=32, width=32, generator=torch.Generator().manual_seed(seed)).images
+    return refiner(prompt="a red circle", image=latents, num_inference_steps=10, denoising_start=0.7,
+                   output_type="latent", generator=torch.Generator().manual_seed(seed + 1)).images
+
+
+def test_sdxl_base_and_refiner_with_deepcache_on_both(tiny_pipe):
+    base, refiner = _ddim(tiny_pipe("tiny-xl")), _ddim(_refiner())
+    plain = _base_then_refiner(base, refiner)
+    for pipe in (base, refiner):
+        dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        torch.testing.assert_close(_base_then_refiner(base, refiner), plain, rtol=0, atol=0)
+        assert dcaccel.last_stats(base).full_steps == list(range(7))
+        assert dcaccel.last_stats(refiner).full_steps == list(range(3))
+    finally:
+        for pipe in (base, refiner):
+            dcaccel.disable(pipe)
+    for pipe in (base, refiner):
+        dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+    try:
+        cached = _base_then_refiner(base, refiner)
+        assert dcaccel.last_stats(base).shallow_steps == [1, 3, 5]
+        assert dcaccel.last_stats(refiner).shallow_steps == [1]
+    finally:
+        for pipe in (base, refiner):
+            dcaccel.disable(pipe)
+    assert (cached - plain).abs().max() > 1e-4
+
+
+def test_refiner_engine_has_the_text_length_of_tokenizer_2(tmp_path):
+    pytest.importorskip("onnxruntime")
+    refiner = _ddim(_refiner())
+    image = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(prompt="a red circle", image=image, num_inference_steps=6, strength=0.5, output_type="latent")
+    plain = refiner(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    dcaccel.enable(refiner, DeepCacheConfig(interval=1), backend="onnxruntime", height=32, width=32, batch_size=1)
+    try:
+        ours = refiner(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    finally:
+        dcaccel.disable(refiner)
+    torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+
+
+# -- LCM- and guidance-distilled U-Nets: timestep_cond is a graph input ---------------------------------------------
+
+
+def _lcm_pipeline(cls_name="LatentConsistencyModelPipeline"):
+    """The tiny SD architecture with a guidance-distilled U-Net (time_cond_proj_dim, as LCM-distilled SD 1.5 has)
+    and LCMScheduler, in `cls_name`."""
+    import diffusers
+
+    from dcaccel.models import architecture_config, build_components
+
+    comps = build_components("tiny", seed=0)
+    cfg = architecture_config("tiny")
+    torch.manual_seed(2)
+    comps["unet"] = diffusers.UNet2DConditionModel(**{**cfg["unet"], "time_cond_proj_dim": 32}).eval()
+    comps["scheduler"] = diffusers.LCMScheduler.from_config(comps["scheduler"].config)
+    if cls_name.startswith("LatentConsistency"):
+        comps.pop("requires_safety_checker")
+    pipe = getattr(diffusers, cls_name)(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("cls_name", ["LatentConsistencyModelPipeline", "StableDiffusionPipeline"])
+def test_guidance_distilled_unet(cls_name):
+    from DeepCache import DeepCacheSDHelper
+
+    pipe = _lcm_pipeline(cls_name)
+    kwargs = dict(steps=6, guidance_scale=6.0)
+    plain = run_latents(pipe, **kwargs)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    torch.testing.assert_close(run_latents(pipe, **kwargs), plain, rtol=0, atol=0)
+    dcaccel.disable(pipe)
+    # the guidance embedding really reaches both graphs: another guidance gives another image
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2, branch=1))
+    ours = run_latents(pipe, **kwargs)
+    assert dcaccel.last_stats(pipe).shallow_steps == [1, 3, 5]
+    assert (run_latents(pipe, steps=6, guidance_scale=2.0) - ours).abs().max() > 1e-4
+    dcaccel.disable(pipe)
+    helper = DeepCacheSDHelper(pipe=pipe)
+    helper.set_params(cache_interval=2, cache_branch_id=1)
+    helper.enable()
+    try:
+        ref = run_latents(pipe, **kwargs)
+    finally:
+        helper.disable()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_distilled_unet_on_onnxruntime():
+    pytest.importorskip("onnxruntime")
+    pipe = _lcm_pipeline()
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+    eager = run_latents(pipe, steps=4, guidance_scale=6.0)
+    dcaccel.disable(pipe)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2), backend="onnxruntime", height=32, width=32, batch_size=1,
+                   cfg=False)  # LCM pipelines run no classifier-free guidance
+    try:
+        assert "timestep_cond" in dcaccel.enabled_state(pipe).info["specs"]["full"].input_names
+        torch.testing.assert_close(run_latents(pipe, steps=4, guidance_scale=6.0), eager, rtol=1e-4, atol=1e-4)
+    finally:
+        dcaccel.disable(pipe)
