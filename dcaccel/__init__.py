@@ -11,7 +11,7 @@ _EXPORTS = {
     "BuildConfig": "config", "DeepCacheConfig": "config",
     "Calibration": "calibration", "calibrate": "calibration",
     "FullUNet": "families.unet", "ShallowUNet": "families.unet", "num_branches": "families.unet",
-    "split_unet": "families.unet",
+    "split_unet": "families.unet", "split_transformer": "families.mmdit",
     "disable": "pipeline", "enable": "pipeline", "enabled_state": "pipeline", "is_enabled": "pipeline",
     "last_stats": "pipeline",
     "full_steps": "schedule",

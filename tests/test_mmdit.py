@@ -223,6 +223,26 @@ def test_bad_cuts(sd3, config, match):
     assert not dcaccel.is_enabled(pipe)
 
 
+@pytest.mark.parametrize("head, tail, match", [
+    (-1, 1, r"head_blocks must be an integer >= 0, got -1"), (1, -1, r"tail_blocks must be an integer >= 0, got -1"),
+    (1.0, 1, r"head_blocks must be an integer >= 0, got 1.0 \(float\)"), ("1", 1, r"got '1' \(str\)"),
+    (True, 1, r"got True \(bool\)"), (2, 2, r"head_blocks \+ tail_blocks must be less than"),
+])
+def test_split_transformer_validates_its_cut(sd3, head, tail, match):
+    with pytest.raises(ValueError, match=match):
+        dcaccel.split_transformer(sd3().transformer, head, tail)
+
+
+def test_split_transformer_is_exported_beside_split_unet(sd3):
+    from dcaccel.families.mmdit import FullMMDiT, ShallowMMDiT
+
+    full, shallow = dcaccel.split_transformer(sd3().transformer, 1, 1)
+    assert isinstance(full, FullMMDiT) and isinstance(shallow, ShallowMMDiT)
+    assert "split_transformer" in dcaccel.__all__ and "split_unet" in dcaccel.__all__
+    with pytest.raises(TypeError, match="unsupported model"):
+        dcaccel.split_transformer(torch.nn.Linear(2, 2))
+
+
 def test_transformer_settings_on_a_unet_are_refused(tiny_pipe):
     with pytest.raises(ValueError, match=r"head_blocks/tail_blocks cut a transformer; .*give branch"):
         dcaccel.enable(tiny_pipe(), DeepCacheConfig(head_blocks=1, tail_blocks=1))

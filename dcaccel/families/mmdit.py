@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import BuildConfig, DeepCacheConfig
+from ..config import BuildConfig, DeepCacheConfig, check_int
 from ..graphs.spec import GraphSpec, TensorSpec
 from .base import Family, timestep_input
 
@@ -49,6 +49,8 @@ def check_transformer(transformer) -> None:
 
 def _check_cut(transformer, head: int, tail: int) -> None:
     n = num_blocks(transformer)
+    check_int("head_blocks", head, 0)
+    check_int("tail_blocks", tail, 0)
     if head + tail >= n:
         raise ValueError(f"head_blocks + tail_blocks must be less than the number of blocks ({n}) so that some "
                          f"blocks are cached, got head_blocks={head}, tail_blocks={tail}")
@@ -162,7 +164,11 @@ class ProbeMMDiT(nn.Module):
 
 
 def split_transformer(transformer, head_blocks: int = DEFAULT_HEAD, tail_blocks: int = DEFAULT_TAIL):
-    """Cut an SD3 transformer: (full, shallow), sharing its weights (no copies)."""
+    """Cut an SD3 transformer: (full, shallow), sharing its weights (no copies). head_blocks and tail_blocks are
+    integers >= 0 with head_blocks + tail_blocks below the number of blocks (checked here, as DeepCacheConfig
+    checks them)."""
+    check_transformer(transformer)
+    _check_cut(transformer, head_blocks, tail_blocks)
     return FullMMDiT(transformer, head_blocks, tail_blocks), ShallowMMDiT(transformer, head_blocks, tail_blocks)
 
 
