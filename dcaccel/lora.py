@@ -251,10 +251,7 @@ def _read(pipe, denoiser, spec: LoraSpec, name: str) -> _LoraFile:
                          "safetensors format only") from e
     if not tensors:
         raise ValueError(f"{path} holds no tensors")
-    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
-    if bad:
-        raise ValueError(f"{path}: {_count(bad, 'tensor')} hold NaN or infinite values ({', '.join(bad[:_SHOWN])}); "
-                         "a LoRA must be finite")
+    _check_tensors(path, tensors)
     try:
         # diffusers' own conversion (kohya -> diffusers keys and alphas), on a copy: it pops from what it is given.
         extra = {"unet_config": denoiser.config} if _denoiser_attr(pipe) == "unet" else {}
@@ -264,6 +261,21 @@ def _read(pipe, denoiser, spec: LoraSpec, name: str) -> _LoraFile:
         raise ValueError(f"{path}: diffusers cannot read this LoRA ({type(e).__name__}: {e})") from e
     targets = _check_keys(path, converted, _components(pipe, denoiser), _denoiser_attr(pipe))
     return _LoraFile(spec, name, hashlib.sha256(data).hexdigest(), tensors, targets)
+
+
+def _check_tensors(path: Path, tensors: dict) -> None:
+    """Refuse, before anything is loaded, tensors no LoRA holds: integers, NaN or infinite values."""
+    # Weights must be floats; kohya's per-module `.alpha` may be stored as an integer scalar.
+    integral = sorted(f"{k}: {str(t.dtype).removeprefix('torch.')}" for k, t in tensors.items()
+                      if not t.is_floating_point() and not (k.endswith(".alpha") and t.numel() == 1))
+    if integral:
+        raise ValueError(f"{path}: {_count(integral, 'tensor')} {'is' if len(integral) == 1 else 'are'} not floating "
+                         f"point ({', '.join(integral[:_SHOWN])}); LoRA weights must be float16, bfloat16 or "
+                         "float32")
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"{path}: {_count(bad, 'tensor')} hold NaN or infinite values ({', '.join(bad[:_SHOWN])}); "
+                         "a LoRA must be finite")
 
 
 def _component_state_dicts(converted: dict, components: dict) -> tuple[dict, list[str]]:
@@ -495,9 +507,21 @@ def _load(pipe, files: list[_LoraFile], components: dict, fuse: bool) -> None:
 
 def _unload_adapters(pipe, components: dict) -> None:
     """Remove any adapter layers (ours: foreign ones were refused before); fused values are put back by the
-    caller."""
+    caller. A load that failed half way (inside diffusers' loader) can leave adapter layers under an empty
+    peft_config, which unload_lora_weights skips: those are taken out here as diffusers' unload_lora does."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     if any(getattr(m, "peft_config", None) for m in components.values()):
         pipe.unload_lora_weights()
+    for model in components.values():
+        if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+            from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+            recurse_remove_peft_layers(model)
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+            if hasattr(model, "_hf_peft_config_loaded"):
+                model._hf_peft_config_loaded = None
 
 
 def _check_finite(components: dict, targets: dict) -> None:

@@ -274,7 +274,8 @@ def test_lcm_lora_with_deepcache(pipe, tmp_path):
 
 def _state(pipe):
     unet = _unet(pipe)
-    return {"weights": weights_hash(unet), "requires_grad": [p.requires_grad for p in unet.parameters()],
+    return {"weights": weights_hash(unet), "text_encoder": weights_hash(pipe.text_encoder),
+            "names": sorted(k for m in (unet, pipe.text_encoder) for k in m.state_dict()), "requires_grad": [p.requires_grad for p in unet.parameters()],
             "adapters": pipe.get_list_adapters(), "enabled": dcaccel.is_enabled(pipe), "loras": current_loras(pipe),
             "runner_loras": pipe.unet.runner.loras if dcaccel.is_enabled(pipe) else None, "unet": id(pipe.unet)}
 
@@ -289,6 +290,8 @@ def _bad_loras(unet, d):
     kohya_junk = {"lora_unet_mid_block_no_such_module.lora_down.weight": torch.zeros(4, 32),
                   "lora_unet_mid_block_no_such_module.lora_up.weight": torch.zeros(32, 4)}
     (d / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    integer = {f"unet.{name}.lora_A.weight": torch.ones(4, 32, dtype=torch.int64)}  # replaces the float one
     return {
         "missing": (d / "nope.safetensors", FileNotFoundError, r"LoRA file .*nope\.safetensors does not exist"),
         "unknown keys": (write_lora(unet, d / "junk.safetensors", "peft", extra=junk), ValueError,
@@ -303,6 +306,8 @@ def _bad_loras(unet, d):
         "shapes": (write_lora(unet, d / "wide.safetensors", "peft", shapes=wide), ValueError,
                    r"attn1\.to_q: the LoRA's update has shape \(32, 48\).*the weight is \(32, 32\)"),
         "not safetensors": (d / "garbage.safetensors", ValueError, r"is not a safetensors file"),
+        "integer tensor": (write_lora(unet, d / "int.safetensors", "peft", extra=integer), ValueError,
+                           r"1 tensor is not floating point \(unet\.down_blocks\.0.*lora_A\.weight: int64\)"),
     }
 
 
@@ -321,6 +326,19 @@ def test_bad_loras_leave_the_pipeline_as_it_was(pipe, loras, tmp_path, enabled):
         assert _state(pipe) == before, case
     if enabled:
         torch.testing.assert_close(run_latents(pipe), before_latents, rtol=0, atol=0)
+
+
+def test_a_failure_inside_diffusers_loader_is_rolled_back(pipe, tmp_path, monkeypatch):
+    """Without dcaccel's up-front checks, an integer tensor fails inside diffusers' loader, after PEFT layers were
+    put into the U-Net: the rollback still leaves every weight, name and flag as it was."""
+    import dcaccel.lora
+
+    monkeypatch.setattr(dcaccel.lora, "_check_tensors", lambda path, tensors: None)
+    path = _bad_loras(pipe.unet, tmp_path)["integer tensor"][0]
+    before = _state(pipe)
+    with pytest.raises(Exception):
+        apply_loras(pipe, [path])
+    assert _state(pipe) == before
 
 
 def test_other_architecture_names_modules_and_shapes(pipe, tmp_path):
