@@ -91,10 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", type=float, default=0.8, help="img2img/inpaint strength (default 0.8)")
     gen.add_argument("--threads", type=int, help="torch (and ONNX Runtime) threads")
-    gen.add_argument("--output", "-o", default="dcaccel.png", help="output PNG (default dcaccel.png)")
+    gen.add_argument("--output", "-o", default="dcaccel.png",
+                     help="output image, PNG, JPEG or WebP by its extension (default dcaccel.png)")
     gen.add_argument("--baseline", action="store_true",
                      help="also run the plain pipeline (no DeepCache, eager) on the same seed: print the speedup "
-                          "and the image difference; saves <output>-baseline.png")
+                          "and the image difference; saves <output>-baseline (same format)")
     gen.set_defaults(func=generate)
 
     cal = sub.add_parser("calibrate", help="calibrate the full-step schedule of a model (a calibration file)",
@@ -309,6 +310,11 @@ def check_generate_arguments(args) -> None:
         raise ValueError(f"--guidance must be a number in 0..100, got {args.guidance}")
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
+    image_format(args.output, "--output")
+    if args.mask:
+        from .models import check_task
+
+        check_task(args.model, "inpaint")
     if args.image:
         if not math.isfinite(args.strength) or not 0 < args.strength <= 1:
             raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
@@ -430,12 +436,26 @@ def _shipped_fits(args, calibration) -> bool:
             and (guidance is None or _math.isclose(guidance, valid["guidance_scale"])))
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path, flag: str = "--output") -> str:
+    """The image format a file name asks for by its extension; refuses names of other formats."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"{flag} {path}: the image format is taken from the file name's extension, which must be "
+                         f"one of {sorted(IMAGE_FORMATS)} (got {suffix or 'none'!r})")
+    return IMAGE_FORMATS[suffix]
+
+
 def save_image(image, path: Path) -> None:
-    """Write a PNG under a temporary name and rename it into place: an interrupted run leaves no partial file."""
+    """Write the image in the format its name's extension names (PNG, JPEG, WebP) under a temporary name and rename
+    it into place: an interrupted run leaves no partial file."""
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -153,6 +153,33 @@ def shipped_calibration(model: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def denoiser_config(model: str) -> tuple[str, dict]:
+    """(family, the denoiser's config) of `model` (as load_pipeline takes it), read without loading weights."""
+    if model in ARCHITECTURES:
+        cfg = architecture_config(model)
+        return cfg["family"], cfg.get("transformer") or cfg["unet"]
+    path = trained_model_dir(model) if model in TRAINED else model
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"model {model!r} is neither a local pipeline directory (with model_index.json) nor "
+                                f"an embedded model {list(TRAINED + ARCHITECTURES)}")
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+    with open(os.path.join(path, "transformer" if family == "sd3" else "unet", "config.json")) as f:
+        return family, json.load(f)
+
+
+def check_task(model: str, task: str) -> None:
+    """Refuse, before loading, a task the model's architecture cannot run: diffusers' SD 3 inpainting takes a
+    transformer with 16 input channels (SD 3's 16-channel latents) or 33 (an inpainting transformer)."""
+    family, cfg = denoiser_config(model)
+    if family == "sd3" and task == "inpaint" and cfg.get("in_channels") not in (16, 33):
+        raise ValueError(f"{model} cannot inpaint: diffusers' SD 3 inpainting pipeline needs a transformer with 16 "
+                         f"input channels (SD 3's 16-channel VAE) or 33 (an inpainting transformer), this one has "
+                         f"{cfg.get('in_channels')}. Use --image without --mask (img2img), or a U-Net model "
+                         f"({', '.join(m for m in TRAINED if m != model)}, sd15, sdxl) for inpainting")
+
+
 def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch.float32):
     """`model` is an embedded architecture name (random weights), an embedded trained model (`shapes`,
     `shapes-sd3`) or a local diffusers pipeline directory (never a hub id)."""

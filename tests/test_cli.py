@@ -56,6 +56,25 @@ def test_generate_bad_input(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_refuses_what_it_cannot_write_or_run_before_loading(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    assert main(["generate", "--model", "shapes-sd3", "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "mask.png"), "--output", str(tmp_path / "x.png")]) == 2
+    captured = capsys.readouterr()
+    assert "shapes-sd3 cannot inpaint" in captured.err and "this one has 4" in captured.err
+    assert "loaded in" not in captured.out
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--output", str(tmp_path / "x.txt")]) == 2
+    captured = capsys.readouterr()
+    assert "--output" in captured.err and "'.txt'" in captured.err and "loaded in" not in captured.out
+    assert not list(tmp_path.glob("x.*"))
+    # The format is the extension's: a JPEG under .jpg, with its baseline beside it.
+    assert main(["generate", "--model", "tiny", "--steps", "2", "--output", str(tmp_path / "x.jpg"),
+                 "--baseline"]) == 0
+    assert Image.open(tmp_path / "x.jpg").format == "JPEG" == Image.open(tmp_path / "x-baseline.jpg").format
+
+
 def test_generate_loads_a_saved_pipeline_directory(tmp_path, capsys):
     from dcaccel.models import build_pipeline
 
