@@ -213,6 +213,7 @@ def test_matrix_fidelity_and_speed_fields(matrix_run):
     assert ours["latent_rel_l2"] == pytest.approx(ref["latent_rel_l2"], rel=1e-4)
 
 
+@pytest.mark.slow  # 19 s
 def test_sweep_recommends_a_setting_within_the_bound(tmp_path):
     args = _args(["--arch", "tiny", "--sweep", "--max-rel-l2", "0.05", "--interval", "2", "3", "--branch", "0",
                   "1", "--steps", "5", "--repeats", "1", "--out", str(tmp_path), "--no-progress", "--quiet",
@@ -249,6 +250,7 @@ def test_bad_arguments(tmp_path):
         bench.run(_args(["--arch", "tiny", "--branch", "12", "--out", str(tmp_path), "--quiet"]))
 
 
+@pytest.mark.slow  # 23 s
 def test_sd3_matrix_with_cache_dit_beside_ours(tmp_path):
     """The SD 3 family in the harness: our rows, cache-dit's static DBCache with the same cut and schedule (equal
     latents), FLOPs of the transformer's graphs, and the interleaved timing fields."""

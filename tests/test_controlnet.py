@@ -147,7 +147,8 @@ def test_matches_reference_helper_on_the_controlnet_pipeline(cn_pipe, arch, bran
 
 
 @pytest.mark.parametrize("kw", [dict(guess_mode=True), dict(control_guidance_start=0.3, control_guidance_end=0.7),
-                                dict(controlnet_conditioning_scale=0.6), dict(guidance_scale=1.0)])
+                                pytest.param(dict(controlnet_conditioning_scale=0.6), marks=pytest.mark.slow),
+                                pytest.param(dict(guidance_scale=1.0), marks=pytest.mark.slow)])
 def test_guess_mode_guidance_window_scale_and_no_guidance(cn_pipe, kw):
     pipe = cn_pipe("tiny")
     cut, _ = _ours(pipe, DeepCacheConfig(interval=2, branch=1), steps=8, **kw)
@@ -158,7 +159,7 @@ def test_guess_mode_guidance_window_scale_and_no_guidance(cn_pipe, kw):
     torch.testing.assert_close(plain, base, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny-xl"])
+@pytest.mark.parametrize("arch", ["tiny", pytest.param("tiny-xl", marks=pytest.mark.slow)])
 def test_several_controlnets(cn_pipe, arch):
     pipe = cn_pipe(arch, controlnets=2)
     kw = dict(controlnets=2, controlnet_conditioning_scale=[0.7, 1.2])

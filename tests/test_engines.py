@@ -327,7 +327,7 @@ def _pixels(path):
     return np.asarray(Image.open(path), dtype=np.int16)
 
 
-@pytest.mark.parametrize("source", ["embedded", "moved directory"])
+@pytest.mark.parametrize("source", ["embedded", pytest.param("moved directory", marks=pytest.mark.slow)])  # 50 s each
 def test_build_in_one_process_load_in_another(tmp_path, source):
     """`dcaccel build`, then in a new process with another hash seed `dcaccel generate --engine-dir`: the engine
     loads (also from a pipeline directory moved after the build) and draws what eager DeepCache draws."""
@@ -496,6 +496,7 @@ def _dead_pid():
     return p.pid
 
 
+@pytest.mark.slow  # 15 s; test_interrupted_build_leaves_nothing_that_loads runs by default
 def test_killed_build_leaves_nothing_the_next_build_keeps(tmp_path):
     """A build killed (SIGKILL) mid-way leaves its partial directory; the next build of that model removes it."""
     import signal
@@ -544,6 +545,7 @@ def test_in_memory_builds_leave_no_scratch_directory(tiny_pipe):
     fresh.rmdir()
 
 
+@pytest.mark.slow  # 15 s
 def test_in_memory_build_is_removed_at_exit(tmp_path):
     import subprocess
     import sys
@@ -559,6 +561,7 @@ def test_in_memory_build_is_removed_at_exit(tmp_path):
     assert not list(Path(tempfile.gettempdir()).glob(f"dcaccel-engines-{result.stdout.split()[-1]}-*"))
 
 
+@pytest.mark.slow  # 11 s
 def test_forced_rebuild_swaps_atomically(ort_dirs, tiny_pipe, monkeypatch, tmp_path):
     """--force replaces the engine in one atomic exchange: there is no moment without one."""
     import dcaccel.engines as engines
@@ -582,6 +585,7 @@ def test_forced_rebuild_swaps_atomically(ort_dirs, tiny_pipe, monkeypatch, tmp_p
     assert sorted(p.name for p in (out / "tiny").iterdir()) == [first.name]
 
 
+@pytest.mark.slow  # 19 s
 def test_rebuild_killed_between_two_renames_is_restored(tiny_pipe, tmp_path):
     """Where the atomic exchange is not available, a rebuild renames twice; a process killed between the two
     leaves the old engine under a temporary name, and the next build or load puts it back."""

@@ -90,6 +90,7 @@ def reference(lcm_pipe, lcm_runs):
     return Reference(lcm_pipe[2], lcm_runs[0], real_images=1200)
 
 
+@pytest.mark.slow  # 25 s of images
 def test_lcm_four_steps_draws_what_the_prompt_says(lcm_pipe, lcm_runs):
     _, _, scorer = lcm_pipe
     scenes, runs = lcm_runs
@@ -153,6 +154,7 @@ def test_parse_lora_argument_knows_the_embedded_name_and_checks_the_scale():
         lora.embedded_lora("nope")
 
 
+@pytest.mark.slow  # 58 s
 def test_build_and_generate_with_the_shipped_lcm_lora_in_separate_processes(tmp_path):
     """As a user runs it: `dcaccel build --lora shapes-lcm --no-cfg` in one process, `dcaccel generate` on those
     engines with the same LoRA in another; the engine image matches the eager one of the same seed."""

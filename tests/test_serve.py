@@ -276,6 +276,7 @@ def test_ctrl_c_drains_and_exits_0(tmp_path):
     assert any("draining" in line for line in lines) and lines[-1].strip() == "stopped"
 
 
+@pytest.mark.slow  # 16 s
 def test_a_server_without_deepcache(cluster):
     """--no-cache: every step full (0 shallow steps: this was a 500, as Ray's Counter refuses inc(0))."""
     url = _deploy(cluster, no_cache=True, max_batch=2, batch_wait_ms=0, max_queued=4)

@@ -120,6 +120,7 @@ def prompt_runs(shipped):
     return scenes, baseline, cached, stats
 
 
+@pytest.mark.slow  # 35 s of images
 def test_shipped_model_draws_what_the_prompt_says(shipped, prompt_runs):
     _, scorer = shipped
     scenes, baseline, _, _ = prompt_runs

@@ -146,6 +146,7 @@ def runs(shipped):
     return (scenes, *_default_cache_runs(shipped[0], scenes, seed=30_000))
 
 
+@pytest.mark.slow  # 100 s of images (the runs fixture); test_calibration's margin test draws shapes-sd3 by default
 def test_shipped_model_draws_what_the_prompt_says(shipped, runs):
     _, scorer = shipped
     scenes, base, *_ = runs
@@ -156,6 +157,7 @@ def test_shipped_model_draws_what_the_prompt_says(shipped, runs):
         assert acc[attribute] >= 0.97, (attribute, acc)
 
 
+@pytest.mark.slow  # 33 s
 def test_shipped_model_composes_the_held_out_combinations(shipped):
     """The 12 combinations training never saw, 5 new seeds each."""
     pipe, scorer = shipped
@@ -165,6 +167,7 @@ def test_shipped_model_composes_the_held_out_combinations(shipped):
     assert held_acc >= MIN_HELD_OUT_ACCURACY
 
 
+@pytest.mark.slow  # shares the 100 s of images above
 def test_default_cut_keeps_accuracy_and_fid_within_the_margin(shipped, runs):
     """The defaults are the sweep's fastest setting within one point of prompt accuracy and the paper's relative FID
     margin (on 360 images). On 120 new ones: within that FID margin, and within one point plus one image."""
@@ -255,6 +258,7 @@ def test_training_script_runs_resumes_and_refuses_other_options(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow  # 41 s; test_calibration's CLI round trip builds and loads in separate processes by default
 def test_generate_and_build_on_shapes_sd3_in_separate_processes(tmp_path):
     """`dcaccel build --model shapes-sd3` in one process, `dcaccel generate` on those engines in another, and
     eager with --baseline: the scorer reads both, and the engine image is the eager one."""
