@@ -789,6 +789,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-replicas", type=int, help="--emit-config: autoscale up to this many replicas")
 
 
+def check_served_model(args) -> None:
+    """What can be checked before Ray starts and a replica fails: the model exists, and the cut is its family's
+    (a replica's own error would reach the user only as Ray's "Failed to update the deployments")."""
+    from .models import denoiser_config
+
+    family, _ = denoiser_config(args.model)
+    if family == "sd3" and args.branch is not None:
+        raise ValueError(f"--branch cuts a U-Net; {args.model} is an SD 3 transformer: give --head-blocks and "
+                         "--tail-blocks instead")
+    if family != "sd3" and (args.head_blocks is not None or args.tail_blocks is not None):
+        raise ValueError(f"--head-blocks/--tail-blocks cut an SD 3 transformer; {args.model} is a U-Net: give "
+                         "--branch instead")
+
+
 def serve(args) -> int:
     """Serve a dcaccel pipeline over HTTP on Ray Serve: POST /v1/generate (JSON in, PNG out), GET /v1/models,
     GET /healthz. Starts a local Ray (or joins --address), loads the model on every replica, serves until
@@ -809,6 +823,7 @@ def serve(args) -> int:
 
     DeepCacheConfig(interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
                     tail_blocks=args.tail_blocks)  # the settings' errors before Ray starts
+    check_served_model(args)
     if args.calibration:
         DeepCacheConfig(schedule="calibrated", calibration=args.calibration, num_full_steps=args.num_full_steps,
                         speedup=args.speedup)

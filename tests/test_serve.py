@@ -155,6 +155,13 @@ def test_batched_requests_keep_their_seeds(batched):
     ({"prompt": PROMPT, "width": 100000}, "field 'width' must be an integer in 8..64"),  # 2x the model's size
     (b"[" * 30000 + b"]" * 30000, "nested too deeply"),
     ({"prompt": "x" * 70000}, "at most 65536 are allowed"),
+    (b'{"prompt": "a red circle", "seed": ' + b"9" * 5000 + b"}",
+     "field 'seed' must be an integer in 0..9223372036854775807, got a number of 5000 characters"),
+    (b'{"prompt": "a red circle", "steps": ' + b"1" * 5000 + b"}", "field 'steps' must be an integer in 1..200"),
+    (b'{"prompt": "a red circle", "guidance": 1.' + b"5" * 5000 + b"}", "field 'guidance' must be a number"),
+    (b'{"prompt": "a red \\ud800 circle"}', "field 'prompt' is not valid Unicode text: it holds a lone surrogate "
+                                            "('\\ud800' at character 6)"),
+    (b'{"prompt": "a red circle", "negative_prompt": "\\udfff"}', "field 'negative_prompt' is not valid Unicode"),
 ])
 def test_bad_requests_get_400_naming_the_field(batched, body, field):
     status, headers, raw = _request(batched + "/v1/generate", body)
@@ -247,6 +254,13 @@ def test_bad_serve_arguments(capsys):
     assert "interval must be an integer >= 1" in capsys.readouterr().err
     assert main(["serve", "--engine-dir", "x"]) == 2
     assert "engine_dirs need an engine backend" in capsys.readouterr().err
+    # checked before Ray starts, with the reason (not Ray's "Failed to update the deployments")
+    assert main(["serve", "--model", "/nonexistent"]) == 2
+    assert "model '/nonexistent' is neither a local pipeline directory" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny-sd3", "--branch", "0"]) == 2
+    assert "--branch cuts a U-Net; tiny-sd3 is an SD 3 transformer" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--head-blocks", "1"]) == 2
+    assert "tiny is a U-Net: give --branch" in capsys.readouterr().err
 
 
 @pytest.mark.slow

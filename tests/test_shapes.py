@@ -135,6 +135,7 @@ def test_shipped_model_draws_what_the_prompt_says(shipped, prompt_runs):
         assert acc[attribute] >= 0.9, (attribute, acc)
 
 
+@pytest.mark.slow  # 36 s of images; test_calibration's margin test draws the shapes U-Net by default
 def test_deepcache_keeps_prompt_accuracy_within_margin(shipped, prompt_runs):
     _, scorer = shipped
     scenes, baseline, cached, stats = prompt_runs

@@ -52,6 +52,19 @@ class GenerateRequest:
 
 
 MAX_BODY_BYTES = 64 * 1024  # a request is a prompt and a few numbers
+MAX_NUMBER_DIGITS = 40       # more than any allowed value has; Python refuses ints of over 4300 digits anyway
+
+
+class _HugeNumber(str):
+    """A JSON number with too many digits to be any allowed value (kept as text, reported by its field)."""
+
+
+def _parse_int(text: str):
+    return _HugeNumber(text) if len(text) > MAX_NUMBER_DIGITS else int(text)
+
+
+def _parse_float(text: str):
+    return _HugeNumber(text) if len(text) > MAX_NUMBER_DIGITS else float(text)
 
 
 def parse_request(body: bytes, limits: Limits) -> GenerateRequest:
@@ -59,7 +72,7 @@ def parse_request(body: bytes, limits: Limits) -> GenerateRequest:
     if len(body) > MAX_BODY_BYTES:
         raise RequestError(f"the body is {len(body)} bytes; at most {MAX_BODY_BYTES} are allowed")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_parse_int, parse_float=_parse_float)
     except RecursionError:
         raise RequestError("the body is nested too deeply; send a flat JSON object") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -101,6 +114,11 @@ def _text(data, name, required=False) -> str:
         raise RequestError(f"field {name!r} must be {_FIELDS[name]}, got an empty one")
     if len(value) > MAX_PROMPT_CHARS:
         raise RequestError(f"field {name!r} is {len(value)} characters long; at most {MAX_PROMPT_CHARS}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escapes decode to lone surrogates, which no text encoder reads
+        raise RequestError(f"field {name!r} is not valid Unicode text: it holds a lone surrogate "
+                           f"({ascii(value[e.start:e.end])} at character {e.start})") from None
     return value
 
 
@@ -110,6 +128,8 @@ def _ranged(data, name, low, high, integer: bool):
         return None
     value = data[name]
     what = f"an integer in {low}..{high}" if integer else f"a number in {low:g}..{high:g}"
+    if isinstance(value, _HugeNumber):
+        raise RequestError(f"field {name!r} must be {what}, got a number of {len(value)} characters")
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise RequestError(f"field {name!r} must be {what}, got {json.dumps(value)}")
     if not low <= value <= high:
