@@ -170,6 +170,68 @@ def test_bad_requests_get_400_naming_the_field(batched, body, field):
     assert headers["Content-Type"] == "application/json"
 
 
+# -- OpenAI's Images API, spoken to by the official client ------------------------------------------------------
+
+
+def _openai(url):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_generates_the_images_of_v1_generate(batched):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    client = _openai(batched)
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["shapes"]
+    assert models.data[0].model_dump()["family"] == "unet"  # dcaccel's details kept in the entry
+    one = client.images.generate(model="shapes", prompt=PROMPT, size="32x32", extra_body={"seed": 11, "steps": 8})
+    assert len(one.data) == 1 and one.created > 0
+    _, headers, png = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 11, "steps": 8})
+    assert base64.b64decode(one.data[0].b64_json) == png  # the same PNG, byte for byte
+    three = client.images.with_raw_response.generate(prompt=PROMPT, n=3, response_format="b64_json",
+                                                      user="someone", extra_body={"seed": 20, "steps": 8})
+    assert three.headers["X-Seeds"] == "20,21,22"
+    images = [base64.b64decode(d.b64_json) for d in three.parse().data]
+    assert len(images) == 3 and len(set(images)) == 3
+    for seed, image in zip((20, 21, 22), images):  # batched together: equal to each alone within rounding
+        _, _, alone = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": seed, "steps": 8})
+        a = np.asarray(Image.open(io.BytesIO(image)), dtype=np.int16)
+        b = np.asarray(Image.open(io.BytesIO(alone)), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2
+
+
+@pytest.mark.parametrize("kwargs, error, message, param", [
+    (dict(prompt=PROMPT, size="1024x1024"), "BadRequestError", "size '1024x1024' is not served here; sizes: "
+                                                               "multiples of 8 from 8 to 64 a side", "size"),
+    (dict(prompt=PROMPT, size="big"), "BadRequestError", "field 'size' must be 'WIDTHxHEIGHT'", "size"),
+    (dict(prompt=""), "BadRequestError", "field 'prompt' must be a non-empty string, got an empty one", "prompt"),
+    (dict(prompt=PROMPT, model="dall-e-3"), "NotFoundError", "model 'dall-e-3' is not served here; this server "
+                                                            "serves 'shapes'", "model"),
+    (dict(prompt=PROMPT, n=5), "BadRequestError", "field 'n' must be an integer in 1..4 (this server's batch limit)",
+     "n"),
+    (dict(prompt=PROMPT, response_format="url"), "BadRequestError", "response_format 'url' is not offered",
+     "response_format"),
+    (dict(prompt=PROMPT, quality="hd"), "BadRequestError", "field 'quality' has no meaning for this server",
+     "quality"),
+    (dict(prompt=PROMPT, extra_body={"seed": "x" * 5000}), "BadRequestError", "field 'seed' must be an integer",
+     "seed"),
+    (dict(prompt=PROMPT, extra_body={"sed": 1}), "BadRequestError", "unknown field(s) ['sed']", "sed"),
+])
+def test_openai_client_raises_its_errors_with_our_message(batched, kwargs, error, message, param):
+    import openai
+
+    client = _openai(batched)
+    with pytest.raises(getattr(openai, error)) as e:
+        client.images.generate(**kwargs)
+    assert message in e.value.message
+    assert e.value.body["param"] == param and e.value.body["type"] == "invalid_request_error"
+
+
 def test_the_replica_keeps_serving_after_bad_requests(batched):
     for body in (b"\xff\xfe", b'{"prompt": null}', b'{"prompt": "a", "negative_prompt": 5}'):
         assert _request(batched + "/v1/generate", body)[0] == 400

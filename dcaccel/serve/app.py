@@ -24,11 +24,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .model import APP_NAME, ServeSettings, deployment_options
-from .request import Limits, RequestError, parse_request
+from .request import MAX_SEED, Limits, RequestError, parse_images_request, parse_request
 
 logger = logging.getLogger(__name__)
 
 GENERATOR = "Generator"
+IMAGES = "/v1/images/generations"  # OpenAI's Images API
+ROUTES = {"/healthz": "GET", "/v1/models": "GET", "/v1/generate": "POST", IMAGES: "POST"}
+_ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 LATENCY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -130,6 +133,16 @@ class Ingress:
         self.requests.inc(tags={"route": route, "status": str(status)})
         return JSONResponse(body, status_code=status, headers=headers)
 
+    def _error(self, route: str, status: int, message: str, headers: dict | None = None, param: str | None = None,
+               code: str | None = None) -> JSONResponse:
+        """{"error": message} on dcaccel's routes; OpenAI's error object on its route (its client raises
+        BadRequestError, NotFoundError, ... carrying the message)."""
+        if route != IMAGES:
+            return self._json(route, status, {"error": message}, headers)
+        kind = _ERROR_TYPES.get(status, "server_error")
+        return self._json(route, status, {"error": {"message": message, "type": kind, "param": param, "code": code}},
+                          headers)
+
     async def __call__(self, request: Request) -> Response:
         path = request.scope["path"][len(request.scope.get("root_path", "")):] or "/"
         try:
@@ -139,25 +152,29 @@ class Ingress:
                 return await self._models()
             if path == "/v1/generate" and request.method == "POST":
                 return await self._generate(request)
-            if path in ("/healthz", "/v1/models", "/v1/generate"):
-                allowed = "POST" if path == "/v1/generate" else "GET"
-                return self._json(path, 405, {"error": f"method {request.method} is not allowed on {path}; use "
-                                                       f"{allowed}"}, {"Allow": allowed})
-            return self._json("other", 404, {"error": f"no route {path}; routes: GET /healthz, GET /v1/models, "
-                                                      "POST /v1/generate"})
+            if path == IMAGES and request.method == "POST":
+                return await self._images(request)
+            if path in ROUTES:
+                allowed = ROUTES[path]
+                return self._error(path, 405, f"method {request.method} is not allowed on {path}; use {allowed}",
+                                   {"Allow": allowed})
+            routes = ", ".join(f"{m} {r}" for r, m in ROUTES.items())
+            return self._json("other", 404, {"error": f"no route {path}; routes: {routes}"})
         except BackPressureError:  # any call to the generator (limits, describe, generate) may be refused
             return self._overloaded(path)
         except Exception as e:  # an answer, never a dead ingress
             logger.exception("ingress error")
             cause = getattr(e, "cause", None) or e  # a replica's exception arrives as RayTaskError(cause)
             message = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
-            return self._json(path, 500, {"error": f"internal error: {type(cause).__name__}: {message}"})
+            return self._error(path if path in ROUTES else "other", 500,
+                               f"internal error: {type(cause).__name__}: {message}")
 
     def _loading(self, route: str) -> JSONResponse:
-        return self._json(route, 503, {"error": "the model is loading"}, {"Retry-After": "1"})
+        return self._error(route, 503, "the model is loading", {"Retry-After": "1"}, code="loading")
 
     def _overloaded(self, route: str) -> JSONResponse:
-        return self._json(route, 503, {"error": "the server is overloaded; retry later"}, {"Retry-After": "1"})
+        return self._error(route, 503, "the server is overloaded; retry later", {"Retry-After": "1"},
+                           code="overloaded")
 
     async def _status(self) -> tuple[bool, int, dict]:
         """(every replica loaded, replicas running, replica states), asked of the controller at most once a
@@ -195,7 +212,10 @@ class Ingress:
         if not await self._ready():
             return self._loading("/v1/models")
         info = await self.generator.describe.remote()
-        return self._json("/v1/models", 200, {"models": [info], "replicas": self.settings.replicas})
+        # OpenAI's list shape (object, data[].id), with dcaccel's own fields kept beside it and in each entry
+        entry = {"id": self.settings.model, "object": "model", "created": 0, "owned_by": "dcaccel", **info}
+        return self._json("/v1/models", 200, {"object": "list", "data": [entry], "models": [info],
+                                              "replicas": self.settings.replicas})
 
     async def _generate(self, request: Request) -> Response:
         received = time.time()
@@ -205,23 +225,16 @@ class Ingress:
         try:
             req = parse_request(await request.body(), limits)
         except RequestError as e:
-            return self._json("/v1/generate", 400, {"error": str(e)})
+            return self._error("/v1/generate", 400, str(e))
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
         params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
                   "steps": req.steps or limits.default_steps,
                   "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
                   "height": req.height, "width": req.width, "received": received}
-        response = self.generator.generate.remote(params)  # a full queue: BackPressureError, answered 503
-        try:
-            result = await asyncio.wait_for(response, max(0.0, self.settings.deadline_s - (time.time() - received)))
-        except asyncio.TimeoutError:
-            # wait_for alone would leave it on the replica: a queued request is dropped; one whose batch already
-            # runs finishes with its batch (the other requests in it need that call) and its image is discarded
-            response.cancel()
-            return self._json("/v1/generate", 504, {"error": f"the request ran past its deadline of "
-                                                             f"{self.settings.deadline_s:g} s and was cancelled"})
-        if "error" in result:
-            return self._json("/v1/generate", result["status"], {"error": result["error"]})
+        results = await self._run([params], received)
+        if isinstance(results, Response):
+            return results
+        result = results[0]
         total = time.time() - received
         self.latency.observe(total)
         self.requests.inc(tags={"route": "/v1/generate", "status": "200"})
@@ -232,6 +245,62 @@ class Ingress:
                    "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow",
                    "X-Schedule": result.get("schedule", "")}
         return Response(result["png"], media_type="image/png", headers=headers)
+
+    async def _run(self, params: list[dict], received: float, route: str = "/v1/generate"):
+        """Each request of `params` on the generators at once (Ray Serve batches those that fit together): their
+        results, or the error response (the first error; the deadline cancels them all)."""
+        responses = []
+        try:
+            for p in params:
+                responses.append(self.generator.generate.remote(p))  # a full queue: BackPressureError, 503
+        except BackPressureError:
+            for response in responses:  # all or none of a request's images
+                response.cancel()
+            raise
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*responses),
+                                             max(0.0, self.settings.deadline_s - (time.time() - received)))
+        except asyncio.TimeoutError:
+            # wait_for alone would leave it on the replica: a queued request is dropped; one whose batch already
+            # runs finishes with its batch (the other requests in it need that call) and its image is discarded
+            for response in responses:
+                response.cancel()
+            return self._error(route, 504, f"the request ran past its deadline of {self.settings.deadline_s:g} s "
+                                           "and was cancelled", code="deadline_exceeded")
+        for result in results:
+            if "error" in result:
+                return self._error(route, result["status"], result["error"])
+        return results
+
+    async def _images(self, request: Request) -> Response:
+        """POST /v1/images/generations as OpenAI's Images API defines it: n images of one prompt, batched
+        together, as base64 PNGs; seeds seed, seed + 1, ... (random when none is given), listed in X-Seeds."""
+        import base64
+
+        received = time.time()
+        if not await self._ready():
+            return self._loading(IMAGES)
+        limits = await self._limits()
+        try:
+            req, n = parse_images_request(await request.body(), limits, self.settings.model, self.settings.max_batch)
+        except RequestError as e:
+            return self._error(IMAGES, e.status, str(e), param=e.param, code=e.code)
+        first = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
+        seeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
+        params = [{"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
+                   "steps": req.steps or limits.default_steps,
+                   "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
+                   "height": req.height, "width": req.width, "received": received} for seed in seeds]
+        results = await self._run(params, received, IMAGES)
+        if isinstance(results, Response):
+            return results
+        total = time.time() - received
+        self.latency.observe(total)
+        body = {"created": int(received), "data": [{"b64_json": base64.b64encode(r["png"]).decode()} for r in results]}
+        headers = {"X-Seeds": ",".join(map(str, seeds)), "X-Server-Seconds": f"{total:.4f}",
+                   "X-Steps": f"{results[0]['full_steps']} full, {results[0]['shallow_steps']} shallow",
+                   "X-Schedule": results[0].get("schedule", "")}
+        return self._json(IMAGES, 200, body, headers)
 
 
 def build_app(args: dict):
