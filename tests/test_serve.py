@@ -399,3 +399,65 @@ def test_static_engine_server_pads_batches_and_takes_its_defaults_from_the_engin
     assert np.abs(a - b).max() <= 2
     assert pair[0]["png"] != pair[1]["png"]
     assert "guidance" in server.check_prompt({**params(1), "guidance": 4.0})
+
+
+# -- the page at GET /, in a real headless browser -------------------------------------------------------------------
+
+
+def _browser():
+    """Headless Chromium from the distribution's packages (apt-get install chromium chromium-driver), driven by
+    Selenium; the test skips with the reason where either is missing."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("Chromium and its driver are not installed (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_page_serves_no_external_assets(batched):
+    status, headers, body = _request(batched + "/")
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "/v1/generate" in page and "http://" not in page and "https://" not in page and "src=\"" not in page
+
+
+@pytest.mark.slow  # a browser start and a generation: about 20 s
+def test_page_in_a_headless_browser(batched, tmp_path):
+    import base64
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = _browser()
+    try:
+        browser.get(batched + "/")
+        wait = WebDriverWait(browser, 120)
+        wait.until(lambda b: b.find_element(By.ID, "steps").get_attribute("value"))  # defaults from /v1/models
+        assert "shapes" in browser.find_element(By.ID, "model").text
+        browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+        browser.find_element(By.ID, "seed").send_keys("7")
+        browser.find_element(By.ID, "submit").click()
+        wait.until(lambda b: b.find_element(By.ID, "image").get_attribute("data-state") in ("done", "error"))
+        assert browser.find_element(By.ID, "image").get_attribute("data-state") == "done", \
+            browser.find_element(By.ID, "error").text
+        assert browser.find_element(By.ID, "info-seed").text == "7"
+        assert "ran:" in browser.find_element(By.ID, "info-DeepCache").text  # full and shallow steps shown
+        shown = browser.execute_async_script("""
+            const done = arguments[arguments.length - 1];
+            fetch(document.getElementById("image").src).then(r => r.arrayBuffer()).then(buf => {
+                let s = ""; new Uint8Array(buf).forEach(b => s += String.fromCharCode(b)); done(btoa(s)); });""")
+        browser.save_screenshot(str(tmp_path / "page.png"))
+    finally:
+        browser.quit()
+    _, _, png = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 7})
+    assert base64.b64decode(shown) == png  # the PNG the API returns for the same seed
+    assert (tmp_path / "page.png").stat().st_size > 0

@@ -1,6 +1,7 @@
 """The Ray Serve application: an HTTP ingress and N generator replicas.
 
-    Ingress    (no CPU reserved) GET /healthz, GET /v1/models, POST /v1/generate: checks requests (400),
+    Ingress    (no CPU reserved) GET / (a page to try it), GET /healthz, GET /v1/models, POST /v1/generate,
+               POST /v1/images/generations (OpenAI's Images API): checks requests (400),
                answers overload with 503 + Retry-After, applies the deadline (504, the replica's work cancelled)
     Generator  (N replicas) loads the pipeline and its engines once; requests with the same height, width,
                steps and guidance are grouped by Ray Serve's batching (one queue per group) into one pipeline
@@ -21,7 +22,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .model import APP_NAME, ServeSettings, deployment_options
 from .request import MAX_SEED, Limits, RequestError, parse_images_request, parse_request
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 GENERATOR = "Generator"
 IMAGES = "/v1/images/generations"  # OpenAI's Images API
-ROUTES = {"/healthz": "GET", "/v1/models": "GET", "/v1/generate": "POST", IMAGES: "POST"}
+ROUTES = {"/": "GET", "/healthz": "GET", "/v1/models": "GET", "/v1/generate": "POST", IMAGES: "POST"}
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
 LATENCY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
@@ -146,6 +147,9 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         path = request.scope["path"][len(request.scope.get("root_path", "")):] or "/"
         try:
+            if path == "/" and request.method == "GET":  # a page to try it: no build step, no external assets
+                self.requests.inc(tags={"route": "/", "status": "200"})
+                return HTMLResponse(_page())
             if path == "/healthz" and request.method == "GET":
                 return await self._health()
             if path == "/v1/models" and request.method == "GET":
@@ -301,6 +305,12 @@ class Ingress:
                    "X-Steps": f"{results[0]['full_steps']} full, {results[0]['shallow_steps']} shallow",
                    "X-Schedule": results[0].get("schedule", "")}
         return self._json(IMAGES, 200, body, headers)
+
+
+def _page() -> str:
+    from importlib import resources
+
+    return resources.files("dcaccel.serve").joinpath("page.html").read_text(encoding="utf-8")
 
 
 def build_app(args: dict):
