@@ -296,7 +296,11 @@ def _cli(*args, cwd):
                           text=True, timeout=600)
 
 
-def test_cli_calibrate_generate_build_round_trip(tmp_path):
+def test_cli_calibrate_generate_build_round_trip(tmp_path, capsys):
+    """The workflow in separate processes (calibrate, generate, build, generate on the engine); the refusals in
+    this one (they are checked before anything is built)."""
+    from dcaccel.cli import main
+
     (tmp_path / "prompts.txt").write_text("a red circle\n\na blue square\n")
     cal_path = tmp_path / "cal.json"
     base = ["--model", "tiny-sd3", "--steps", "4", "--guidance", "4", "--head-blocks", "1", "--tail-blocks", "0"]
@@ -310,9 +314,9 @@ def test_cli_calibrate_generate_build_round_trip(tmp_path):
              "--output", str(tmp_path / "a.png"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"2 full steps {steps}" in r.stdout
-    r = _cli("generate", "a red circle", *base[:2], "--steps", "6", "--guidance", "4", "--head-blocks", "1",
-             "--tail-blocks", "0", "--calibration", str(cal_path), "--output", str(tmp_path / "b.png"), cwd=tmp_path)
-    assert r.returncode == 2 and "num_evaluations: calibration has 4, this call runs 6" in r.stderr
+    assert main(["generate", "a red circle", *base[:2], "--steps", "6", "--guidance", "4", "--head-blocks", "1",
+                 "--tail-blocks", "0", "--calibration", str(cal_path), "--output", str(tmp_path / "b.png")]) == 2
+    assert "num_evaluations: calibration has 4, this call runs 6" in capsys.readouterr().err
     r = _cli("build", "--model", "tiny-sd3", "--head-blocks", "1", "--tail-blocks", "0", "--backend", "onnxruntime",
              "--calibration", str(cal_path), "--out", str(tmp_path / "engines"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -323,12 +327,12 @@ def test_cli_calibrate_generate_build_round_trip(tmp_path):
              "--output", str(tmp_path / "c.png"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"2 full steps {steps}" in r.stdout
-    r = _cli("build", "--model", "tiny-sd3", "--head-blocks", "0", "--tail-blocks", "1", "--backend", "onnxruntime",
-             "--calibration", str(cal_path), "--out", str(tmp_path / "engines2"), cwd=tmp_path)
-    assert r.returncode == 2 and "cut: calibration has" in r.stderr
+    assert main(["build", "--model", "tiny-sd3", "--head-blocks", "0", "--tail-blocks", "1", "--backend",
+                 "onnxruntime", "--calibration", str(cal_path), "--out", str(tmp_path / "engines2")]) == 2
+    assert "cut: calibration has" in capsys.readouterr().err
     assert not (tmp_path / "engines2").exists()
-    r = _cli("calibrate", *base, "--out", str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 2 and "is a directory" in r.stderr
+    assert main(["calibrate", *base, "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
 
 
 def test_serve_model_uses_the_stored_calibration_and_reports_fallback(sd3_cal, tmp_path):
