@@ -275,3 +275,123 @@ def test_guidance_distilled_unet_on_onnxruntime():
         torch.testing.assert_close(run_latents(pipe, steps=4, guidance_scale=6.0), eager, rtol=1e-4, atol=1e-4)
     finally:
         dcaccel.disable(pipe)
+
+
+# -- the pipeline features users reach for, at interval 1: the plain pipeline's output --------------------------------
+
+
+def _embeds(pipe):
+    with torch.no_grad():
+        pos, neg = pipe.encode_prompt("a red circle", "cpu", 1, True, "")
+    return {"prompt": None, "prompt_embeds": pos, "negative_prompt_embeds": neg}
+
+
+def _callback_kwargs(seen):
+    def callback(pipe, step, timestep, kwargs):
+        seen.append(step)
+        kwargs["latents"] = kwargs["latents"] * 0.999  # a callback that changes the latents changes both alike
+        return kwargs
+    return {"callback_on_step_end": callback, "callback_on_step_end_tensor_inputs": ["latents"]}
+
+
+FEATURES = {
+    "num_images_per_prompt": lambda pipe, seen: {"num_images_per_prompt": 2},
+    "return_dict=False": lambda pipe, seen: {"return_dict": False},
+    "output_type=np": lambda pipe, seen: {"output_type": "np"},
+    "output_type=pt": lambda pipe, seen: {"output_type": "pt"},
+    "guidance_rescale": lambda pipe, seen: {"guidance_rescale": 0.7},
+    "clip_skip": lambda pipe, seen: {"clip_skip": 1},
+    "timesteps=": lambda pipe, seen: {"timesteps": [999, 800, 600, 400, 200, 1], "num_inference_steps": None},
+    "prompt_embeds": lambda pipe, seen: _embeds(pipe),
+    "negative_prompt": lambda pipe, seen: {"negative_prompt": "a blue square"},
+    "callback_on_step_end": lambda pipe, seen: _callback_kwargs(seen),
+    "no guidance": lambda pipe, seen: {"guidance_scale": 1.0},
+}
+
+
+def _call(pipe, kwargs):
+    call = {"prompt": "a red circle", "num_inference_steps": 6, "height": 32, "width": 32, "output_type": "latent",
+            "generator": torch.Generator().manual_seed(0), **kwargs}
+    if call["num_inference_steps"] is None:
+        del call["num_inference_steps"]
+    out = pipe(**call)
+    return out[0] if isinstance(out, tuple) else out.images
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_pipeline_features_at_interval_one(tiny_pipe, feature):
+    import diffusers
+    import numpy as np
+
+    pipe = tiny_pipe("tiny")
+    if feature == "timesteps=":  # a scheduler that takes custom timesteps
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    seen_plain, seen_ours = [], []
+    try:
+        plain = _call(pipe, FEATURES[feature](pipe, seen_plain))
+    except Exception as e:  # the plain pipeline fails (clip_skip with this diffusers and transformers): so must ours
+        dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+        try:
+            with pytest.raises(type(e)):
+                _call(pipe, FEATURES[feature](pipe, seen_ours))
+        finally:
+            dcaccel.disable(pipe)
+        pytest.xfail(f"the plain pipeline fails with {feature}, and so does the enabled one: {type(e).__name__}: {e}")
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        ours = _call(pipe, FEATURES[feature](pipe, seen_ours))
+        assert len(dcaccel.last_stats(pipe).full_steps) == 6 and not dcaccel.last_stats(pipe).shallow_steps
+    finally:
+        dcaccel.disable(pipe)
+    assert seen_plain == seen_ours
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+
+
+@pytest.mark.parametrize("setup", ["attention_slicing", "vae_slicing", "vae_tiling", "to_float64_and_back"])
+def test_pipeline_settings_at_interval_one(setup):
+    """Settings that change the pipeline's modules, switched on before enable (the shared pipelines stay as they
+    are: a fresh one here)."""
+    from dcaccel.models import build_pipeline
+
+    pipe = build_pipeline("tiny")
+    if setup == "attention_slicing":
+        pipe.enable_attention_slicing(1)
+    elif setup == "vae_slicing":
+        pipe.vae.enable_slicing()
+    elif setup == "vae_tiling":
+        pipe.vae.enable_tiling()
+    else:
+        pipe.to(torch.float64)
+        pipe.to(torch.float32)
+    kwargs = {"output_type": "np", "num_images_per_prompt": 2}
+    plain = _call(pipe, kwargs)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        ours = _call(pipe, kwargs)
+    finally:
+        dcaccel.disable(pipe)
+    torch.testing.assert_close(torch.as_tensor(ours), torch.as_tensor(plain), rtol=0, atol=0)
+
+
+def test_diffusers_methods_that_change_the_unet_while_enabled():
+    """fuse_qkv_projections and attention processors set through the pipeline while DeepCache is enabled reach
+    the U-Net, and the next call follows them (interval 1: the plain pipeline's output)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from dcaccel.models import build_pipeline
+
+    pipe = build_pipeline("tiny")
+    kwargs = {"output_type": "latent"}
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        before = _call(pipe, kwargs)
+        pipe.fuse_qkv_projections()
+        fused = _call(pipe, kwargs)
+        pipe.unet.set_attn_processor(AttnProcessor())
+        classic = _call(pipe, kwargs)
+    finally:
+        dcaccel.disable(pipe)
+    assert any(getattr(m, "fused_projections", False) for m in pipe.unet.modules())  # it reached the U-Net
+    plain = _call(pipe, kwargs)  # the plain pipeline with the same changes
+    torch.testing.assert_close(classic, plain, rtol=0, atol=0)
+    torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)  # fused projections: the same maths
