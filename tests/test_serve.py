@@ -461,3 +461,23 @@ def test_page_in_a_headless_browser(batched, tmp_path):
     _, _, png = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 7})
     assert base64.b64decode(shown) == png  # the PNG the API returns for the same seed
     assert (tmp_path / "page.png").stat().st_size > 0
+
+
+def test_a_client_that_disconnects_cancels_nothing_else(batched):
+    """A client that sends a request and hangs up at once, beside three that wait: the three get their images,
+    with their own seeds, and the server serves the next request."""
+    import urllib.parse
+
+    url = urllib.parse.urlparse(batched)
+    body = json.dumps({"prompt": PROMPT, "seed": 40, "steps": 8}).encode()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(_request, batched + "/v1/generate", {"prompt": PROMPT, "seed": s, "steps": 8})
+                   for s in (41, 42, 43)]
+        with socket.create_connection((url.hostname, url.port)) as s:  # the one that leaves
+            s.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        results = [f.result(timeout=300) for f in waiting]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert [r[1]["X-Seed"] for r in results] == ["41", "42", "43"]
+    status, _, _ = _request(batched + "/v1/generate", {"prompt": PROMPT, "seed": 44, "steps": 8})
+    assert status == 200
