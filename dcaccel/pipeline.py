@@ -94,7 +94,6 @@ class EnabledState:
             logger.warning("the %s's weights changed after dcaccel.enable: %s graphs refitted in %.2f s",
                            self.family.denoiser_attr, self.backend, seconds)
 
-
     def _take_settings(self, settings: dict) -> None:
         changed = ", ".join(f"{k} {self.settings.get(k)} -> {v}" for k, v in settings.items()
                             if self.settings.get(k) != v)

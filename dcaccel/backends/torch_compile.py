@@ -50,6 +50,7 @@ class Options(BackendOptions):
 
 class CompiledRunner:
     follows_settings = True  # refit compiles the new graphs when their settings (FreeU) changed
+
     def __init__(self, graphs, specs, options: Options, cache_bytes: bytes | None = None):
         device = device_of(graphs)
         options = options.resolved(device)
