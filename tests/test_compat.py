@@ -2,6 +2,8 @@
 plain one (bit for bit on eager, within the backend's tolerance elsewhere), with caching it matches the reference
 DeepCacheSDHelper where that supports the feature, and what cannot be honoured is refused before anything runs."""
 
+import functools
+
 import pytest
 import torch
 
@@ -395,3 +397,39 @@ def test_diffusers_methods_that_change_the_unet_while_enabled():
     plain = _call(pipe, kwargs)  # the plain pipeline with the same changes
     torch.testing.assert_close(classic, plain, rtol=0, atol=0)
     torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)  # fused projections: the same maths
+
+
+SD3_FEATURES = {
+    "num_images_per_prompt": lambda pipe, seen: {"num_images_per_prompt": 2},
+    "return_dict=False": lambda pipe, seen: {"return_dict": False},
+    "output_type=np": lambda pipe, seen: {"output_type": "np"},
+    "negative_prompt": lambda pipe, seen: {"negative_prompt": "a blue square"},
+    "callback_on_step_end": lambda pipe, seen: _callback_kwargs(seen),
+    "sigmas=": lambda pipe, seen: {"sigmas": [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]},
+    "no guidance": lambda pipe, seen: {"guidance_scale": 1.0},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _sd3():
+    """tiny-sd3 with its own flow-matching scheduler (the shared tiny_pipe ones get DDIM)."""
+    from dcaccel.models import build_pipeline
+
+    return build_pipeline("tiny-sd3")
+
+
+@pytest.mark.parametrize("feature", list(SD3_FEATURES))
+def test_sd3_pipeline_features_at_interval_one(feature):
+    import numpy as np
+
+    pipe = _sd3()
+    seen_plain, seen_ours = [], []
+    plain = _call(pipe, SD3_FEATURES[feature](pipe, seen_plain))
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        ours = _call(pipe, SD3_FEATURES[feature](pipe, seen_ours))
+        assert len(dcaccel.last_stats(pipe).full_steps) == 6 and not dcaccel.last_stats(pipe).shallow_steps
+    finally:
+        dcaccel.disable(pipe)
+    assert seen_plain == seen_ours
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
