@@ -320,33 +320,40 @@ def _call(pipe, kwargs):
     return out[0] if isinstance(out, tuple) else out.images
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
-def test_pipeline_features_at_interval_one(tiny_pipe, feature):
-    import diffusers
+def _features_at_interval_one(pipe, features: dict, feature: str) -> None:
+    """`feature` on `pipe` plain and with DeepCache at interval 1: the same output and the same callbacks; where
+    the plain pipeline fails, the enabled one fails the same way (an xfail naming it)."""
     import numpy as np
 
-    pipe = tiny_pipe("tiny")
-    if feature == "timesteps=":  # a scheduler that takes custom timesteps
-        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     seen_plain, seen_ours = [], []
     try:
-        plain = _call(pipe, FEATURES[feature](pipe, seen_plain))
+        plain = _call(pipe, features[feature](pipe, seen_plain))
     except Exception as e:  # the plain pipeline fails (clip_skip with this diffusers and transformers): so must ours
         dcaccel.enable(pipe, DeepCacheConfig(interval=1))
         try:
             with pytest.raises(type(e)):
-                _call(pipe, FEATURES[feature](pipe, seen_ours))
+                _call(pipe, features[feature](pipe, seen_ours))
         finally:
             dcaccel.disable(pipe)
         pytest.xfail(f"the plain pipeline fails with {feature}, and so does the enabled one: {type(e).__name__}: {e}")
     dcaccel.enable(pipe, DeepCacheConfig(interval=1))
     try:
-        ours = _call(pipe, FEATURES[feature](pipe, seen_ours))
+        ours = _call(pipe, features[feature](pipe, seen_ours))
         assert len(dcaccel.last_stats(pipe).full_steps) == 6 and not dcaccel.last_stats(pipe).shallow_steps
     finally:
         dcaccel.disable(pipe)
     assert seen_plain == seen_ours
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_pipeline_features_at_interval_one(tiny_pipe, feature):
+    import diffusers
+
+    pipe = tiny_pipe("tiny")
+    if feature == "timesteps=":  # a scheduler that takes custom timesteps
+        pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    _features_at_interval_one(pipe, FEATURES, feature)
 
 
 @pytest.mark.parametrize("setup", ["attention_slicing", "vae_slicing", "vae_tiling", "to_float64_and_back"])
@@ -420,16 +427,4 @@ def _sd3():
 
 @pytest.mark.parametrize("feature", list(SD3_FEATURES))
 def test_sd3_pipeline_features_at_interval_one(feature):
-    import numpy as np
-
-    pipe = _sd3()
-    seen_plain, seen_ours = [], []
-    plain = _call(pipe, SD3_FEATURES[feature](pipe, seen_plain))
-    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
-    try:
-        ours = _call(pipe, SD3_FEATURES[feature](pipe, seen_ours))
-        assert len(dcaccel.last_stats(pipe).full_steps) == 6 and not dcaccel.last_stats(pipe).shallow_steps
-    finally:
-        dcaccel.disable(pipe)
-    assert seen_plain == seen_ours
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+    _features_at_interval_one(_sd3(), SD3_FEATURES, feature)
