@@ -153,18 +153,25 @@ def shipped_calibration(model: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def _pipeline_dir(model: str) -> tuple[str, dict, str]:
+    """(directory, model_index.json, family) of an embedded trained model or a local pipeline directory."""
+    path = trained_model_dir(model) if model in TRAINED else model
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(
+            f"model {model!r} is neither a local pipeline directory nor an embedded model "
+            f"{list(TRAINED + ARCHITECTURES)}"
+        )
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    return path, index, "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+
+
 def denoiser_config(model: str) -> tuple[str, dict]:
     """(family, the denoiser's config) of `model` (as load_pipeline takes it), read without loading weights."""
     if model in ARCHITECTURES:
         cfg = architecture_config(model)
         return cfg["family"], cfg.get("transformer") or cfg["unet"]
-    path = trained_model_dir(model) if model in TRAINED else model
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"model {model!r} is neither a local pipeline directory (with model_index.json) nor "
-                                f"an embedded model {list(TRAINED + ARCHITECTURES)}")
-    with open(os.path.join(path, "model_index.json")) as f:
-        index = json.load(f)
-    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+    path, _, family = _pipeline_dir(model)
     with open(os.path.join(path, "transformer" if family == "sd3" else "unet", "config.json")) as f:
         return family, json.load(f)
 
@@ -185,16 +192,7 @@ def load_pipeline(model: str, task: str = "text2img", dtype: torch.dtype = torch
     `shapes-sd3`) or a local diffusers pipeline directory (never a hub id)."""
     if model in ARCHITECTURES:
         return build_pipeline(model, task, dtype=dtype)
-    if model in TRAINED:
-        model = trained_model_dir(model)
-    if not os.path.isdir(model):
-        raise FileNotFoundError(
-            f"model {model!r} is neither a local pipeline directory nor an embedded model "
-            f"{list(TRAINED + ARCHITECTURES)}"
-        )
-    with open(os.path.join(model, "model_index.json")) as f:
-        index = json.load(f)
-    family = "sd3" if "transformer" in index else "sdxl" if "text_encoder_2" in index else "sd"
+    model, index, family = _pipeline_dir(model)
     kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd" else {}
     if family == "sd3":  # SD 3 without T5 (saved as None, so absent from model_index.json): from_pretrained
         kwargs.update({k: None for k in ("text_encoder_3", "tokenizer_3") if not (index.get(k) or [None])[0]})
