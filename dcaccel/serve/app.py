@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -230,12 +231,8 @@ class Ingress:
             req = parse_request(await request.body(), limits)
         except RequestError as e:
             return self._error("/v1/generate", 400, str(e))
-        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
-        params = {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
-                  "steps": req.steps or limits.default_steps,
-                  "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
-                  "height": req.height, "width": req.width, "received": received}
-        results = await self._run([params], received)
+        seed = _seed(req)
+        results = await self._run([_params(req, limits, seed, received)], received)
         if isinstance(results, Response):
             return results
         result = results[0]
@@ -289,13 +286,9 @@ class Ingress:
             req, n = parse_images_request(await request.body(), limits, self.settings.model, self.settings.max_batch)
         except RequestError as e:
             return self._error(IMAGES, e.status, str(e), param=e.param, code=e.code)
-        first = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
+        first = _seed(req)
         seeds = [(first + i) % (MAX_SEED + 1) for i in range(n)]
-        params = [{"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
-                   "steps": req.steps or limits.default_steps,
-                   "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
-                   "height": req.height, "width": req.width, "received": received} for seed in seeds]
-        results = await self._run(params, received, IMAGES)
+        results = await self._run([_params(req, limits, seed, received) for seed in seeds], received, IMAGES)
         if isinstance(results, Response):
             return results
         total = time.time() - received
@@ -307,7 +300,22 @@ class Ingress:
         return self._json(IMAGES, 200, body, headers)
 
 
+def _seed(req) -> int:
+    """The request's seed, or a random one (63 bits)."""
+    return req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "big") >> 1
+
+
+def _params(req, limits: Limits, seed: int, received: float) -> dict:
+    """What a generator replica runs for one image of `req`, the server's defaults filled in."""
+    return {"prompt": req.prompt, "negative_prompt": req.negative_prompt, "seed": seed,
+            "steps": req.steps or limits.default_steps,
+            "guidance": req.guidance if req.guidance is not None else limits.default_guidance,
+            "height": req.height, "width": req.width, "received": received}
+
+
+@functools.lru_cache(maxsize=1)
 def _page() -> str:
+    """The page at GET / (read once per ingress process)."""
     from importlib import resources
 
     return resources.files("dcaccel.serve").joinpath("page.html").read_text(encoding="utf-8")
