@@ -165,10 +165,8 @@ class ProbeMMDiT(nn.Module):
 
 def split_transformer(transformer, head_blocks: int = DEFAULT_HEAD, tail_blocks: int = DEFAULT_TAIL):
     """Cut an SD3 transformer: (full, shallow), sharing its weights (no copies). head_blocks and tail_blocks are
-    integers >= 0 with head_blocks + tail_blocks below the number of blocks (checked here, as DeepCacheConfig
-    checks them)."""
-    check_transformer(transformer)
-    _check_cut(transformer, head_blocks, tail_blocks)
+    integers >= 0 with head_blocks + tail_blocks below the number of blocks (the graphs check them, as
+    DeepCacheConfig does)."""
     return FullMMDiT(transformer, head_blocks, tail_blocks), ShallowMMDiT(transformer, head_blocks, tail_blocks)
 
 

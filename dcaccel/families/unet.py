@@ -182,7 +182,7 @@ class _UpPath(nn.Module):
     `start`: the deep part of the up path, whose output is the DeepCache feature.
     """
 
-    def __init__(self, unet, block: int, start: int, deep: bool = False):
+    def __init__(self, unet, block: int, start: int, deep: bool = False, freeu: dict | None = None):
         super().__init__()
         ups = unet.up_blocks
         self.deep = deep
@@ -193,8 +193,9 @@ class _UpPath(nn.Module):
         attns = getattr(first, "attentions", None)
         self.attentions = nn.ModuleList(attns[sl]) if attns is not None and len(self.resnets) else None
         self.upsamplers = None if deep else first.upsamplers
-        # FreeU on the partial block, applied here as its forward would (the whole blocks apply their own).
-        self.freeu = freeu_settings(unet)
+        # FreeU on the partial block (freeu_settings), applied here as its forward would (the whole blocks apply
+        # their own).
+        self.freeu = freeu
         self.resolution_idx = block
         # Which up blocks are followed by another (only those get upsample_size), as in UNet2DConditionModel.
         self.final_index = len(ups) - 1
@@ -285,8 +286,8 @@ class FullUNet(nn.Module):
         self.stem = _Stem(unet)
         self.down = _DownPath(unet, len(unet.down_blocks), 0)
         self.mid_block = unet.mid_block
-        self.deep_up = _UpPath(unet, up_block, start, deep=True)
-        self.shallow_up = _UpPath(unet, up_block, start)
+        self.deep_up = _UpPath(unet, up_block, start, deep=True, freeu=self.graph_settings["freeu"])
+        self.shallow_up = _UpPath(unet, up_block, start, freeu=self.graph_settings["freeu"])
         self.head = _Head(unet)
         self.num_upsamplers = unet.num_upsamplers
 
@@ -318,7 +319,7 @@ class ShallowUNet(nn.Module):
         self.graph_settings = {"freeu": freeu_settings(unet)}
         self.stem = _Stem(unet)
         self.down = _DownPath(unet, block, layer)
-        self.shallow_up = _UpPath(unet, up_block, start)
+        self.shallow_up = _UpPath(unet, up_block, start, freeu=self.graph_settings["freeu"])
         self.head = _Head(unet)
         self.num_upsamplers = unet.num_upsamplers
 
