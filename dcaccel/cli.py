@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import json
 import math
 import os
 import sys
@@ -777,6 +778,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads per replica (default: its CPUs)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=0.0)
+    p.add_argument("--resources-per-replica", metavar="JSON", type=_resources,
+                   help='Ray custom resources each replica reserves, e.g. \'{"dcaccel_slot": 1}\' to place one '
+                        "replica per node started with that resource")
+    p.add_argument("--ingress-resources", metavar="JSON", type=_resources,
+                   help='Ray custom resources the HTTP ingress reserves, e.g. \'{"dcaccel_ingress": 1}\' to keep it '
+                        "on the node started with that resource")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--host", default="127.0.0.1")
@@ -787,6 +794,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a Serve config file for `serve deploy` with these settings and exit")
     p.add_argument("--min-replicas", type=int, help="--emit-config: autoscale from this many replicas")
     p.add_argument("--max-replicas", type=int, help="--emit-config: autoscale up to this many replicas")
+    p.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                   help="--emit-config: an HTTP proxy on every node (default) or on the head node only")
+
+
+def _resources(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); give an object such as '{{\"dcaccel_slot\": 1}}'")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"give a JSON object such as '{{\"dcaccel_slot\": 1}}', not {text}")
+    return value
 
 
 def check_served_model(args) -> None:
@@ -811,13 +830,19 @@ def serve(args) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    settings = ServeSettings(model=args.model, backend=args.backend, engine_dirs=args.engine_dir,
+    # absolute paths: replicas (and `serve deploy` of an --emit-config file) run in other working directories
+    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    settings = ServeSettings(model=model, backend=args.backend,
+                             engine_dirs=[os.path.abspath(d) for d in args.engine_dir],
                              interval=args.interval, branch=args.branch, head_blocks=args.head_blocks,
-                             tail_blocks=args.tail_blocks, no_cache=args.no_cache, calibration=args.calibration,
+                             tail_blocks=args.tail_blocks, no_cache=args.no_cache,
+                             calibration=args.calibration and os.path.abspath(args.calibration),
                              num_full_steps=args.num_full_steps, speedup=args.speedup, replicas=args.replicas,
                              max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, max_queued=args.max_queued,
                              deadline_s=args.deadline_s, threads=args.threads,
                              cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                             resources_per_replica=args.resources_per_replica or {},
+                             ingress_resources=args.ingress_resources or {},
                              device=args.device, dtype=args.dtype)
     from .config import DeepCacheConfig
 
@@ -838,7 +863,8 @@ def serve(args) -> int:
         raise ImportError(f"dcaccel serve needs Ray Serve ({e}): pip install 'dcaccel[serve]'") from e
     if args.emit_config:
         path = server.write_config(args.emit_config, server.serve_config(settings, args.host, args.port,
-                                                                       args.min_replicas, args.max_replicas))
+                                                                       args.min_replicas, args.max_replicas,
+                                                                       args.proxy_location))
         print(f"wrote {path}: deploy it with `serve deploy {path}` on a Ray cluster started from this environment")
         return 0
     return server.serve_forever(settings, args.host, args.port, args.address, args.metrics_port)

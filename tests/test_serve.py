@@ -307,6 +307,40 @@ def test_config_file_is_what_serve_deploy_accepts(tmp_path):
         validate_config(config)
 
 
+def test_config_file_for_a_cluster_places_replicas_and_keeps_paths_absolute(tmp_path, monkeypatch, capsys):
+    """--resources-per-replica / --ingress-resources / --proxy-location reach the config; relative paths become
+    absolute (the replicas of `serve deploy` run in another working directory: found by deploying one)."""
+    import yaml
+
+    from dcaccel.cli import main
+
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "cal.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--emit-config", "serve.yaml", "--backend", "onnxruntime", "--engine-dir", "engines",
+                 "--calibration", "cal.json", "--replicas", "2", "--resources-per-replica", '{"dcaccel_slot": 1}',
+                 "--ingress-resources", '{"dcaccel_ingress": 0.5}', "--proxy-location", "HeadOnly"]) != 0
+    assert "cal.json" in capsys.readouterr().err  # the calibration is read before anything is written
+    assert main(["serve", "--emit-config", "serve.yaml", "--backend", "onnxruntime", "--engine-dir", "engines",
+                 "--replicas", "2", "--resources-per-replica", '{"dcaccel_slot": 1}',
+                 "--ingress-resources", '{"dcaccel_ingress": 0.5}', "--proxy-location", "HeadOnly"]) == 0
+    config = yaml.safe_load((tmp_path / "serve.yaml").read_text())
+    assert config["proxy_location"] == "HeadOnly"
+    app = config["applications"][0]
+    assert app["args"]["engine_dirs"] == [str(tmp_path / "engines")]
+    options = {d["name"]: d["ray_actor_options"] for d in app["deployments"]}
+    assert options["Generator"]["resources"] == {"dcaccel_slot": 1}
+    assert options["Ingress"] == {"num_cpus": 0, "resources": {"dcaccel_ingress": 0.5}}
+    for bad, message in (("[1]", "give a JSON object"), ("{x", "not JSON"), ('{"CPU": 1}', "Ray's own resources"),
+                         ('{"slot": -1}', "numbers >= 0")):
+        try:
+            code = main(["serve", "--emit-config", "x.yaml", "--resources-per-replica", bad])
+        except SystemExit as e:  # argparse's own refusal of the argument
+            code = e.code
+        assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
 def test_bad_serve_arguments(capsys):
     from dcaccel.cli import main
 

@@ -20,7 +20,8 @@ import os
 import time
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.metrics import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -34,6 +35,9 @@ GENERATOR = "Generator"
 IMAGES = "/v1/images/generations"  # OpenAI's Images API
 ROUTES = {"/": "GET", "/healthz": "GET", "/v1/models": "GET", "/v1/generate": "POST", IMAGES: "POST"}
 _ERROR_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error"}
+# a generator replica (or its node) lost while it held the request: the client may retry on another replica
+REPLICA_LOST = (RayActorError, NodeDiedError, WorkerCrashedError, ReplicaUnavailableError,
+                DeploymentUnavailableError)
 LATENCY_BOUNDS = [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120]
 
 
@@ -43,6 +47,9 @@ class Generator:
         from .model import ModelServer
 
         self.server = ModelServer(ServeSettings(**settings))
+        import ray
+
+        self.replica = f"{ray.util.get_node_ip_address()}/{os.getpid()}"  # X-Replica: which node, which process
         self.settings = self.server.settings
         self.lock = asyncio.Lock()  # one pipeline call at a time per replica
         self.batched = serve.batch(max_batch_size=self.settings.max_batch,
@@ -90,6 +97,7 @@ class Generator:
             if "error" not in out[0]:
                 for p, r in zip(group, out):
                     r["queue_s"] = start - p["received"]
+                    r["replica"] = self.replica
                 try:
                     self._record(out)
                 except Exception:  # metrics never fail a request
@@ -167,6 +175,12 @@ class Ingress:
             return self._json("other", 404, {"error": f"no route {path}; routes: {routes}"})
         except BackPressureError:  # any call to the generator (limits, describe, generate) may be refused
             return self._overloaded(path)
+        except REPLICA_LOST as e:
+            logger.warning("replica lost: %s", str(e).strip().splitlines()[0] if str(e).strip() else type(e))
+            return self._error(path if path in ROUTES else "other", 503,
+                               f"the replica serving this request was lost ({type(e).__name__}: its node left or "
+                               "its process died); retry: the other replicas go on serving",
+                               {"Retry-After": "1"}, code="replica_lost")
         except Exception as e:  # an answer, never a dead ingress
             logger.exception("ingress error")
             cause = getattr(e, "cause", None) or e  # a replica's exception arrives as RayTaskError(cause)
@@ -243,6 +257,7 @@ class Ingress:
                    "X-Queue-Seconds": f"{result['queue_s']:.4f}",
                    "X-Pipeline-Seconds": f"{result['pipeline_s']:.4f}",
                    "X-Denoiser-Seconds": f"{result['denoiser_s']:.4f}", "X-Batch-Size": str(result["batch_size"]),
+                   "X-Replica": result["replica"],
                    "X-Steps": f"{result['full_steps']} full, {result['shallow_steps']} shallow",
                    "X-Schedule": result.get("schedule", "")}
         return Response(result["png"], media_type="image/png", headers=headers)
@@ -268,6 +283,10 @@ class Ingress:
                 response.cancel()
             return self._error(route, 504, f"the request ran past its deadline of {self.settings.deadline_s:g} s "
                                            "and was cancelled", code="deadline_exceeded")
+        except Exception:  # e.g. a replica lost: the request's other images are not waited for
+            for response in responses:
+                response.cancel()
+            raise
         for result in results:
             if "error" in result:
                 return self._error(route, result["status"], result["error"])
@@ -295,6 +314,7 @@ class Ingress:
         self.latency.observe(total)
         body = {"created": int(received), "data": [{"b64_json": base64.b64encode(r["png"]).decode()} for r in results]}
         headers = {"X-Seeds": ",".join(map(str, seeds)), "X-Server-Seconds": f"{total:.4f}",
+                   "X-Replica": ",".join(sorted({r["replica"] for r in results})),
                    "X-Steps": f"{results[0]['full_steps']} full, {results[0]['shallow_steps']} shallow",
                    "X-Schedule": results[0].get("schedule", "")}
         return self._json(IMAGES, 200, body, headers)

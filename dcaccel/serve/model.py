@@ -42,6 +42,8 @@ class ServeSettings:
     threads: int | None = None
     cpus_per_replica: float = 1.0
     gpus_per_replica: float = 0.0
+    resources_per_replica: dict[str, float] = field(default_factory=dict)  # Ray custom resources, e.g. {"slot": 1}
+    ingress_resources: dict[str, float] = field(default_factory=dict)  # the same for the ingress (pins its node)
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -58,11 +60,30 @@ class ServeSettings:
             raise ValueError(f"batch_wait_ms must be in 0..10000, got {self.batch_wait_ms}")
         if not 0 < self.deadline_s <= 86_400:
             raise ValueError(f"deadline_s must be in (0, 86400], got {self.deadline_s}")
+        for name in ("resources_per_replica", "ingress_resources"):
+            _check_resources(name, getattr(self, name))
         if self.engine_dirs and self.backend == "eager":
             raise ValueError("engine_dirs need an engine backend (onnxruntime, torch_compile or tensorrt)")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_resources(name: str, resources) -> None:
+    """Ray custom resources: names to numbers >= 0, not Ray's own (those have their own settings)."""
+    if not isinstance(resources, dict) or not all(
+            isinstance(k, str) and k and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for k, v in resources.items()):
+        raise ValueError(f'{name} must map resource names to numbers >= 0, e.g. {{"dcaccel_slot": 1}}; '
+                         f"got {resources!r}")
+    reserved = sorted(set(resources) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if reserved:
+        raise ValueError(f"{name}: {reserved} are Ray's own resources; give CPUs and GPUs with cpus_per_replica "
+                         "and gpus_per_replica (--cpus-per-replica, --gpus-per-replica)")
+
+
+def _actor_resources(resources: dict) -> dict:
+    return {"resources": dict(resources)} if resources else {}
 
 
 def png_bytes(image) -> bytes:
@@ -83,8 +104,9 @@ def deployment_options(settings: ServeSettings) -> dict[str, dict]:
         "Generator": {"max_ongoing_requests": max(settings.max_batch * 2, 4),  # enough waiting to fill a batch
                       "max_queued_requests": settings.max_queued, **drain,
                       "ray_actor_options": {"num_cpus": settings.cpus_per_replica,
-                                            "num_gpus": settings.gpus_per_replica}},
-        "Ingress": {**drain, "ray_actor_options": {"num_cpus": 0}},
+                                            "num_gpus": settings.gpus_per_replica,
+                                            **_actor_resources(settings.resources_per_replica)}},
+        "Ingress": {**drain, "ray_actor_options": {"num_cpus": 0, **_actor_resources(settings.ingress_resources)}},
     }
 
 

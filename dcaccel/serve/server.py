@@ -75,9 +75,10 @@ def serve_forever(settings: ServeSettings, host: str, port: int, address: str | 
 
 
 def serve_config(settings: ServeSettings, host: str, port: int, min_replicas: int | None = None,
-                 max_replicas: int | None = None) -> dict:
+                 max_replicas: int | None = None, proxy_location: str = "EveryNode") -> dict:
     """A config for `serve deploy` / `serve run`: this app with its settings, replicas as given or autoscaled
-    between min_replicas and max_replicas, and the CPUs/GPUs each replica reserves."""
+    between min_replicas and max_replicas, the CPUs/GPUs/custom resources each replica reserves, and an HTTP
+    proxy on every node or on the head only."""
     options = deployment_options(settings)
     generator = {"name": "Generator", **options["Generator"]}
     if min_replicas is not None or max_replicas is not None:
@@ -90,7 +91,7 @@ def serve_config(settings: ServeSettings, host: str, port: int, min_replicas: in
     else:
         generator["num_replicas"] = settings.replicas
     return {
-        "proxy_location": "EveryNode",
+        "proxy_location": proxy_location,
         "http_options": {"host": host, "port": port},
         "applications": [{
             "name": APP_NAME, "route_prefix": "/", "import_path": "dcaccel.serve.app:build_app",
