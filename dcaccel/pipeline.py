@@ -125,7 +125,7 @@ def _enabled_class(cls: type, attr: str) -> type:
         if state.wrapper._owner_thread == threading.get_ident():
             raise RuntimeError("this pipeline is already running a call in this thread; a DeepCache pipeline cannot "
                                "be called from inside its own call")
-        state.family.check_call(kwargs)
+        state.family.check_call(kwargs, state.runner)
         with state.lock:
             state.check_weights()
             state.wrapper.begin_call()
@@ -150,6 +150,7 @@ def _enabled_class(cls: type, attr: str) -> type:
 
     _CLASSES[cls] = type(cls.__name__, (cls,), {
         **_loader_methods(cls), "__call__": __call__, "components": property(components),
+        "enable_model_cpu_offload": _refuse_offload, "enable_sequential_cpu_offload": _refuse_offload,
         "__setattr__": __setattr__, "__module__": cls.__module__, "_dcaccel_enabled_class": True})
     return _CLASSES[cls]
 
@@ -220,8 +221,21 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     if isinstance(denoiser, DeepCacheDenoiser):
         raise RuntimeError(f"pipe.{family.denoiser_attr} is the DeepCache step loop of another pipeline; make this "
                            f"pipeline from that one's `components` (the original {family.denoiser_attr})")
+    if getattr(denoiser, "_hf_hook", None) is not None or getattr(pipe, "_all_hooks", None):
+        raise ValueError(f"this pipeline has accelerate's offload hooks ({_OFFLOAD}): {_OFFLOAD_WHY}. Call "
+                         "pipe.remove_all_hooks() and pipe.to(device) before dcaccel.enable")
     runner, info = open_runner(pipe, config, backend, **options)
     return attach(pipe, config, backend, runner, info)
+
+
+_OFFLOAD = "enable_model_cpu_offload / enable_sequential_cpu_offload"
+_OFFLOAD_WHY = ("DeepCache's graphs run the denoiser's blocks directly, so hooks on the denoiser's forward never "
+                "fire and its weights would not be moved to the accelerator")
+
+
+def _refuse_offload(self, *args, **kwargs):
+    raise ValueError(f"DeepCache is enabled on this pipeline: CPU offload ({_OFFLOAD}) is not supported with it "
+                     f"({_OFFLOAD_WHY}). Keep the pipeline on its device, or dcaccel.disable(pipe) first")
 
 
 def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):

@@ -29,10 +29,11 @@ class StepStats:
         self.shallow_steps: list[int] = []
         self.full_seconds: list[float] = []
         self.shallow_seconds: list[float] = []
+        self.extra: list[tuple[int, str, float]] = []  # evaluations outside the schedule: (step, what, seconds)
 
     @property
     def denoiser_seconds(self) -> float:
-        return sum(self.full_seconds) + sum(self.shallow_seconds)
+        return sum(self.full_seconds) + sum(self.shallow_seconds) + sum(s for _, _, s in self.extra)
 
     unet_seconds = denoiser_seconds  # the U-Net name, kept for scripts written against it
 
@@ -104,6 +105,17 @@ class DeepCacheDenoiser(nn.Module):
         except AttributeError:
             return getattr(self._modules["original"], name)
 
+    @property
+    def __class__(self):
+        """The original denoiser's class, to code that asks: `isinstance(pipe.unet, UNet2DConditionModel)` (and
+        `pipe.unet.__class__.__name__`) stay what they were before enable, as diffusers' pipelines and users'
+        scripts branch on them; isinstance also answers True for DeepCacheDenoiser, and `type()` is this class.
+        What such code then calls (methods, config, weights) reaches the original through __getattr__."""
+        return type(self._modules["original"])
+
+    def _get_name(self) -> str:  # repr(pipe.unet) says what it is
+        return "DeepCacheDenoiser"
+
     # The weights are the original denoiser's, under its own names.
     def state_dict(self, *args, **kwargs):
         return self._modules["original"].state_dict(*args, **kwargs)
@@ -143,6 +155,9 @@ class DeepCacheDenoiser(nn.Module):
                 f"{self.family.denoiser_attr}) and call dcaccel.enable on them")
         return_dict = kwargs.get("return_dict", True)
         inputs = self.family.call_inputs(self._modules["denoiser"], args, kwargs, self)
+        extra = inputs.pop("extra", None)
+        if extra is not None:
+            return self.family.output(self._extra_evaluation(extra, inputs), return_dict)
         if not self._started:
             n = self._num_steps_fn()
             if self._check_call is not None:
@@ -160,4 +175,21 @@ class DeepCacheDenoiser(nn.Module):
         (self.stats.full_seconds if full else self.stats.shallow_seconds).append(elapsed)
         logger.debug("step %d: %s graph, %.4f s", step, "full" if full else "shallow", elapsed)
         return self.family.output(noise, return_dict)
+
+    def _extra_evaluation(self, extra, inputs) -> torch.Tensor:
+        """An evaluation the pipeline adds to a step (SD 3.5's skip-layer guidance): its own graph, run in full
+        after the step's evaluation, outside the schedule (not a step; the cache neither read nor written)."""
+        key, make = extra
+        run = getattr(self.runner, "run_extra", None)
+        if run is None:  # the family's check_call refuses such calls before the pipeline runs
+            raise RuntimeError(f"the {type(self.runner).__name__} runs no graph but the full and shallow ones: {key[0]} "
+                               "needs the eager or torch_compile backend")
+        self._sync()
+        start = time.perf_counter()
+        noise = run(key, make, inputs)
+        self._sync()
+        elapsed = time.perf_counter() - start
+        self.stats.extra.append((self._step - 1, key[0], elapsed))
+        logger.debug("step %d: %s graph, %.4f s", self._step - 1, key[0], elapsed)
+        return noise
 

@@ -3,6 +3,7 @@ plain one (bit for bit on eager, within the backend's tolerance elsewhere), with
 DeepCacheSDHelper where that supports the feature, and what cannot be honoured is refused before anything runs."""
 
 import functools
+import json
 
 import pytest
 import torch
@@ -404,6 +405,51 @@ def test_diffusers_methods_that_change_the_unet_while_enabled():
     plain = _call(pipe, kwargs)  # the plain pipeline with the same changes
     torch.testing.assert_close(classic, plain, rtol=0, atol=0)
     torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-5)  # fused projections: the same maths
+
+
+def test_an_enabled_denoiser_is_still_its_class_to_diffusers(tmp_path):
+    """isinstance(pipe.unet, UNet2DConditionModel) while enabled (diffusers' test_StableDiffusionMixin_component
+    asserts it, and scripts branch on it); save_pretrained writes the plain pipeline, which loads and gives the
+    enabled pipeline's image at interval 1; CPU offload is refused in either order, with the reason."""
+    from diffusers import SD3Transformer2DModel, StableDiffusionPipeline, UNet2DConditionModel
+
+    from dcaccel.models import build_pipeline
+    from dcaccel.runtime import DeepCacheDenoiser
+
+    pipe = build_pipeline("tiny")
+    kwargs = {"output_type": "latent"}
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.unet, DeepCacheDenoiser)
+        assert pipe.unet.__class__ is UNet2DConditionModel and type(pipe.unet) is DeepCacheDenoiser
+        assert repr(pipe.unet).startswith("DeepCacheDenoiser(")
+        ours = _call(pipe, kwargs)
+        pipe.save_pretrained(tmp_path / "saved")
+        with pytest.raises(ValueError, match="CPU offload .* is not supported with it"):
+            pipe.enable_model_cpu_offload(device="cpu")
+        with pytest.raises(ValueError, match="CPU offload .* is not supported with it"):
+            pipe.enable_sequential_cpu_offload(device="cpu")
+    finally:
+        dcaccel.disable(pipe)
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    assert type(loaded.unet) is UNet2DConditionModel
+    loaded.scheduler = pipe.scheduler
+    torch.testing.assert_close(_call(loaded, kwargs), ours, rtol=0, atol=0)
+    sd3 = _sd3()
+    dcaccel.enable(sd3, DeepCacheConfig(interval=2))
+    try:
+        assert isinstance(sd3.transformer, SD3Transformer2DModel)
+    finally:
+        dcaccel.disable(sd3)
+    pytest.importorskip("accelerate")
+    loaded.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(ValueError, match=r"accelerate's offload hooks .*remove_all_hooks\(\)"):
+        dcaccel.enable(loaded, DeepCacheConfig(interval=1))
+    loaded.remove_all_hooks()
+    dcaccel.enable(loaded, DeepCacheConfig(interval=1))
+    dcaccel.disable(loaded)
 
 
 SD3_FEATURES = {

@@ -251,11 +251,90 @@ def test_transformer_settings_on_a_unet_are_refused(tiny_pipe):
 def test_refused_call_arguments(sd3):
     pipe = sd3()
     dcaccel.enable(pipe, DeepCacheConfig(interval=2))
-    with pytest.raises(ValueError, match="skip_guidance_layers .* is not supported with DeepCache"):
-        run(pipe, skip_guidance_layers=[1])
     with pytest.raises(ValueError, match=r"joint_attention_kwargs \['scale'\] are not supported"):
         run(pipe, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(ValueError, match=r"skip_guidance_layers must be a list of block indices \(ints\)"):
+        run(pipe, skip_guidance_layers=["1"])
     run(pipe)  # still works
+
+
+# -- skip-layer guidance (SD 3.5) ---------------------------------------------------------------------------------
+
+SLG = dict(skip_guidance_layers=[1, 2], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=0.7)
+SLG_STEPS = [1, 2, 3, 4]  # i > 0 and i < 0.7 * 7 of 7 steps: diffusers' window
+
+
+def test_skip_layer_guidance_at_interval_one_is_the_plain_pipeline(sd3):
+    pipe = sd3()
+    plain = run(pipe, steps=7, **SLG)
+    assert not torch.equal(plain, run(pipe, steps=7))  # it changes the image
+    got, stats = _ours(pipe, DeepCacheConfig(interval=1), steps=7, **SLG)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert [(step, what) for step, what, _ in stats.extra] == [(i, "skip_layers") for i in SLG_STEPS]
+    assert stats.full_steps == list(range(7))
+
+
+def test_skip_layer_guidance_runs_in_full_outside_the_schedule(sd3):
+    """With caching: the schedule is the one without skip-layer guidance (not shifted by the extra calls), and
+    each skip-layer evaluation is the transformer run in full with those blocks left out, on the step's inputs."""
+    pipe = sd3()
+    cfg = DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1)
+    without, stats0 = _ours(pipe, cfg, steps=7)
+    seen = []
+    transformer = pipe.transformer
+
+    def record(module, args, kwargs, output):
+        if "skip_layers" in kwargs:
+            seen.append((kwargs, output[0]))
+
+    handle = transformer.register_forward_hook(record, with_kwargs=True)
+    try:
+        got, stats = _ours(pipe, cfg, steps=7, **SLG)
+    finally:
+        handle.remove()
+    assert stats.full_steps == stats0.full_steps == [0, 3, 6] and stats.shallow_steps == stats0.shallow_steps
+    assert [step for step, _, _ in stats.extra] == SLG_STEPS and len(seen) == len(SLG_STEPS)
+    assert not torch.equal(got, without)
+    for kwargs, output in seen:
+        assert kwargs["skip_layers"] == [1, 2] and kwargs["hidden_states"].shape[0] == 1  # the text half only
+        with torch.no_grad():
+            inputs = {k: kwargs[k] for k in ("hidden_states", "timestep", "encoder_hidden_states",
+                                             "pooled_projections")}
+            again = transformer(**inputs, skip_layers=[1, 2], return_dict=False)[0]
+        torch.testing.assert_close(output, again, rtol=0, atol=0)
+
+
+def test_skip_layer_guidance_is_refused_on_engines_before_the_call(sd3, sd3_engine):
+    pipe = sd3()
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1), backend="onnxruntime",
+                   engine_dir=sd3_engine)
+    try:
+        calls = []
+        handle = dcaccel.enabled_state(pipe).wrapper.register_forward_pre_hook(lambda *a: calls.append(1))
+        with pytest.raises(ValueError, match="supported on the eager and torch_compile backends"):
+            run(pipe, **SLG)
+        assert calls == []  # refused before anything ran
+        handle.remove()
+        run(pipe)  # and the pipeline goes on
+    finally:
+        dcaccel.disable(pipe)
+
+
+@pytest.mark.slow  # three graphs compiled
+def test_skip_layer_guidance_on_torch_compile(sd3):
+    pipe = sd3()
+    cfg = DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1)
+    eager, _ = _ours(pipe, cfg, steps=7, **SLG)
+    dcaccel.enable(pipe, cfg, backend="torch_compile", height=32, width=32)
+    try:
+        got = run(pipe, steps=7, **SLG)
+        again = run(pipe, steps=7, **SLG)
+        stats = dcaccel.last_stats(pipe)
+    finally:
+        dcaccel.disable(pipe)
+    torch.testing.assert_close(got, eager, atol=2e-4, rtol=1e-3)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+    assert [step for step, _, _ in stats.extra] == SLG_STEPS
 
 
 # -- engines ----------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class EagerRunner:
         self.graphs, self.specs = graphs, specs
         self.cache_buffers = CacheBuffers(specs["full"].cache)
         self.loras: list[dict] = []  # the fused LoRAs (the engine layer and dcaccel.lora record them here)
+        self.extras: dict = {}  # graphs a family adds (skip-layer guidance), made at their first use
 
     @property
     def cache(self) -> dict[str, torch.Tensor]:
@@ -43,6 +44,7 @@ class EagerRunner:
         """Take the new graphs: they share the model's parameters, so nothing is copied (cut again rather than
         kept, so that modules replaced rather than changed are seen too)."""
         self.graphs = graphs
+        self.extras.clear()
         return 0.0
 
     def run_full(self, inputs):
@@ -53,6 +55,13 @@ class EagerRunner:
     def run_shallow(self, inputs):
         out = call_graph(self.graphs["shallow"], self.specs["shallow"], {**inputs, **self.cache_buffers.get()})
         return out[self.specs["shallow"].output_names[0]]
+
+    def run_extra(self, key, make, inputs):
+        """A graph outside the DeepCache schedule (e.g. skip-layer guidance), made by `make()` at its first use."""
+        if key not in self.extras:
+            self.extras[key] = make()
+        with torch.no_grad():
+            return self.extras[key](**inputs)
 
     def close(self) -> None:
         pass

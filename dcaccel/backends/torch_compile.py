@@ -68,6 +68,7 @@ class CompiledRunner:
         self.graphs = graphs
         self.full, self.shallow = self._compile(graphs)
         self.compile_seconds = self._warm_up()
+        self.extras: dict = {}  # graphs a family adds (skip-layer guidance): compiled at their first use
 
     @property
     def cache(self) -> dict[str, torch.Tensor]:
@@ -104,6 +105,7 @@ class CompiledRunner:
                     "the graphs' settings changed" if not settings else
                     "freezing=True: weights are constants" if same else "the model's modules changed")
         old = self.graphs, self.full, self.shallow
+        self.extras.clear()  # compiled again at their next use, from the new weights
         self.graphs = graphs
         self.full, self.shallow = self._compile(graphs)
         try:
@@ -165,6 +167,17 @@ class CompiledRunner:
         with self._calling(_warm):
             out = call_graph(self.shallow, spec, {**self._copy_in(inputs, spec), **self.cache_buffers.get()})
             return out[spec.output_names[0]].clone()
+
+    def run_extra(self, key, make, inputs):
+        """A graph outside the DeepCache schedule (skip-layer guidance), compiled at its first use (that call
+        pays for the compile; its shapes are the call's, static from then on)."""
+        if key not in self.extras:
+            graph = make()
+            _private_forward(graph)
+            self.extras[key] = torch.compile(graph, fullgraph=True, dynamic=False, mode=self.mode)
+            logger.info("torch.compile: compiling the %s graph at its first use", key[0])
+        with self._inductor_config(), torch.inference_mode(False), torch.no_grad():
+            return self.extras[key](**inputs).clone()
 
     def close(self) -> None:
         pass

@@ -66,7 +66,7 @@ class Family:
         schedule='dynamic'), with `input_names`; None where the family has none."""
         return None
 
-    def check_call(self, kwargs: dict) -> None:
+    def check_call(self, kwargs: dict, runner=None) -> None:
         """Refuse, before anything runs, pipeline call arguments the graphs cannot honour."""
 
     def call_inputs(self, denoiser, args: tuple, kwargs: dict, wrapper=None) -> dict[str, torch.Tensor]:

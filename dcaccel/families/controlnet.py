@@ -292,7 +292,7 @@ class ControlNetFamily(Family):
     def graph_settings(self, denoiser) -> dict:
         return unet_family.FAMILY.graph_settings(denoiser.unet)
 
-    def check_call(self, kwargs: dict) -> None:
+    def check_call(self, kwargs: dict, runner=None) -> None:
         unet_family.FAMILY.check_call(kwargs)
 
     def attach_extras(self, pipe, wrapper):

@@ -8,7 +8,11 @@ Fn_compute_blocks=head, Bn_compute_blocks=tail and a static step mask (its resid
 same way, so the outputs are equal), as two static graphs instead of hooks. Differences, on purpose:
   - head_blocks=0 is allowed (cache-dit asserts Fn >= 1): the residual is then taken from the embeddings;
   - head + tail must be below the number of blocks (cache-dit accepts more and then runs some blocks twice);
-  - skip-layer guidance is refused up front (under cache-dit it is silently ignored and shifts the step count).
+  - skip-layer guidance (SD 3.5's `skip_guidance_layers`) is its own evaluation, outside the schedule: it runs
+    in full (SkipLayerMMDiT, the transformer with the chosen blocks left out, as diffusers runs it), neither
+    counted as a step nor reading or writing the cache, because the blocks it leaves out (7-9 on SD 3.5 Medium)
+    lie inside the cached middle, whose residual describes them run. Under cache-dit it goes through the cached
+    forward and shifts its step count.
 The text residual is returned only when a tail block reads the text stream (tail >= 1): the last block of SD3
 (`context_pre_only`) gives no text output, so with tail=0 the text stream after the middle blocks is never read.
 SD 3.5 Medium's dual-attention blocks need nothing special: they are blocks like the others.
@@ -27,7 +31,7 @@ PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "Sta
 # From evidence (benchmarks/quality_sd3.py on the trained shapes-sd3 model, README "Transformer defaults"): the
 # fastest setting within one point of prompt accuracy and the paper's relative FID margin of no cache.
 DEFAULT_INTERVAL, DEFAULT_HEAD, DEFAULT_TAIL = 2, 0, 1
-_REFUSED_KWARGS = ("block_controlnet_hidden_states", "skip_layers")
+_REFUSED_KWARGS = ("block_controlnet_hidden_states",)
 
 
 def num_blocks(transformer) -> int:
@@ -163,6 +167,24 @@ class ProbeMMDiT(nn.Module):
         return out - h
 
 
+class SkipLayerMMDiT(nn.Module):
+    """Skip-layer guidance's evaluation: the whole transformer with the blocks `skip_layers` left out, exactly as
+    diffusers' SD3Transformer2DModel runs it for `skip_layers=` (tensors in, noise out; the skipped blocks are
+    fixed, so the graph is static)."""
+
+    input_names = ("hidden_states", "timestep", "encoder_hidden_states", "pooled_projections")
+
+    def __init__(self, transformer, skip_layers: tuple[int, ...]):
+        super().__init__()
+        self.transformer = transformer
+        self.skip_layers = list(skip_layers)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections):
+        return self.transformer(hidden_states=hidden_states, timestep=timestep,
+                                encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+                                skip_layers=self.skip_layers, return_dict=False)[0]
+
+
 def split_transformer(transformer, head_blocks: int = DEFAULT_HEAD, tail_blocks: int = DEFAULT_TAIL):
     """Cut an SD3 transformer: (full, shallow), sharing its weights (no copies). head_blocks and tail_blocks are
     integers >= 0 with head_blocks + tail_blocks below the number of blocks (the graphs check them, as
@@ -240,11 +262,18 @@ class MMDiTFamily(Family):
         return graph_specs(denoiser, cut["head_blocks"], cut["tail_blocks"], build, geometry["vae_scale_factor"],
                            geometry["text_len"])
 
-    def check_call(self, kwargs: dict) -> None:
-        if kwargs.get("skip_guidance_layers"):
-            raise ValueError("skip_guidance_layers (skip-layer guidance) is not supported with DeepCache: it runs the "
-                             "transformer a second time per step with some blocks left out, which the cached "
-                             "residuals do not describe; call without it, or dcaccel.disable(pipe) for such calls")
+    def check_call(self, kwargs: dict, runner=None) -> None:
+        layers = kwargs.get("skip_guidance_layers")
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise ValueError(f"skip_guidance_layers must be a list of block indices (ints), got {layers!r}")
+            if runner is not None and not hasattr(runner, "run_extra"):
+                raise ValueError(
+                    "skip_guidance_layers (skip-layer guidance) runs an extra evaluation with some blocks left out, "
+                    "in PyTorch: supported on the eager and torch_compile backends; this pipeline runs ONNX Runtime "
+                    "or TensorRT engines, which have no skip-layer graph. Call without it, or enable the pipeline on "
+                    "backend='eager' or 'torch_compile'")
         if kwargs.get("joint_attention_kwargs"):
             raise ValueError(f"joint_attention_kwargs {sorted(kwargs['joint_attention_kwargs'])} are not supported: "
                              "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
@@ -260,10 +289,11 @@ class MMDiTFamily(Family):
             kwargs[name] = value
         joint = kwargs.pop("joint_attention_kwargs", None)
         kwargs.pop("return_dict", None)
+        skip_layers = kwargs.pop("skip_layers", None)
         used = sorted(k for k in _REFUSED_KWARGS if kwargs.pop(k, None) is not None)
         if used:
-            raise ValueError(f"dcaccel does not support the transformer arguments {used} (SD3 ControlNet, "
-                             "skip-layer guidance); disable DeepCache for such pipelines")
+            raise ValueError(f"dcaccel does not support the transformer arguments {used} (SD3 ControlNet); disable "
+                             "DeepCache for such pipelines")
         if joint:
             raise ValueError(f"joint_attention_kwargs {sorted(joint)} are not supported: fuse LoRA scales into the "
                              "weights (dcaccel.lora) instead of passing them per call")
@@ -274,9 +304,13 @@ class MMDiTFamily(Family):
         if missing:
             raise ValueError(f"the SD3 transformer step loop needs {missing}")
         h = kwargs["hidden_states"]
-        return {"hidden_states": h, "timestep": timestep_input(kwargs["timestep"], h.shape[0], h.device),
-                "encoder_hidden_states": kwargs["encoder_hidden_states"],
-                "pooled_projections": kwargs["pooled_projections"]}
+        inputs = {"hidden_states": h, "timestep": timestep_input(kwargs["timestep"], h.shape[0], h.device),
+                  "encoder_hidden_states": kwargs["encoder_hidden_states"],
+                  "pooled_projections": kwargs["pooled_projections"]}
+        if skip_layers is not None:  # skip-layer guidance: an evaluation outside the schedule (see the docstring)
+            key = ("skip_layers", tuple(int(i) for i in skip_layers))
+            inputs["extra"] = (key, lambda: SkipLayerMMDiT(denoiser, key[1]))
+        return inputs
 
     def output(self, noise: torch.Tensor, return_dict: bool):
         if not return_dict:

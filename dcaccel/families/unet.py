@@ -470,7 +470,7 @@ class UNetFamily(Family):
         return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"],
                            geometry.get("time_ids", 6))
 
-    def check_call(self, kwargs: dict) -> None:
+    def check_call(self, kwargs: dict, runner=None) -> None:
         if kwargs.get("cross_attention_kwargs"):
             raise ValueError(f"cross_attention_kwargs {sorted(kwargs['cross_attention_kwargs'])} are not supported: "
                              "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
