@@ -161,6 +161,13 @@ def test_matrix_writes_jsonl_markdown_and_plot(matrix_run):
     b, records, out = matrix_run
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert lines == records
+    # written as measured (a run killed part-way keeps them): one warm-up line per configuration that ran, one
+    # line per timed call
+    partial = [json.loads(line) for line in (out / "partial.jsonl").read_text().splitlines()]
+    ran = [r for r in records if r["status"] == "ok"]
+    assert sorted(p["config"] for p in partial if p["phase"] == "warm-up") == sorted(r["label"] for r in ran)
+    rounds = [p for p in partial if p["phase"] == "round"]
+    assert len(rounds) == sum(r["timed_calls"] for r in ran) and all(p["denoiser_loop_s"] > 0 for p in rounds)
     labels = [r["label"] for r in records]
     assert labels == ["diffusers (no dcaccel)", "eager: no cache", "eager: interval 2, branch 0, uniform",
                       "reference DeepCacheSDHelper: interval 2, branch 0, uniform", "onnxruntime: no cache",

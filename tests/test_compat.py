@@ -340,7 +340,9 @@ def _features_at_interval_one(pipe, features: dict, feature: str) -> None:
     dcaccel.enable(pipe, DeepCacheConfig(interval=1))
     try:
         ours = _call(pipe, features[feature](pipe, seen_ours))
-        assert len(dcaccel.last_stats(pipe).full_steps) == 6 and not dcaccel.last_stats(pipe).shallow_steps
+        stats = dcaccel.last_stats(pipe)
+        assert stats.full_steps == list(range(len(stats.full_steps))) and stats.full_steps
+        assert not stats.shallow_steps
     finally:
         dcaccel.disable(pipe)
     assert seen_plain == seen_ours
@@ -355,6 +357,43 @@ def test_pipeline_features_at_interval_one(tiny_pipe, feature):
     if feature == "timesteps=":  # a scheduler that takes custom timesteps
         pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     _features_at_interval_one(pipe, FEATURES, feature)
+
+
+SDXL_FEATURES = {
+    "num_images_per_prompt": lambda pipe, seen: {"num_images_per_prompt": 2},
+    "return_dict=False": lambda pipe, seen: {"return_dict": False},
+    "output_type=np": lambda pipe, seen: {"output_type": "np"},
+    "guidance_rescale": lambda pipe, seen: {"guidance_rescale": 0.7},
+    "prompt_2 and negative_prompt_2": lambda pipe, seen: {"prompt_2": "a blue square", "negative_prompt": "green",
+                                                          "negative_prompt_2": "a triangle"},
+    "size conditioning": lambda pipe, seen: {"original_size": (64, 48), "target_size": (32, 32),
+                                             "crops_coords_top_left": (4, 2), "negative_original_size": (16, 16),
+                                             "negative_target_size": (32, 32)},
+    "denoising_end": lambda pipe, seen: {"denoising_end": 0.5},
+    "callback_on_step_end": lambda pipe, seen: _callback_kwargs(seen),
+    "no guidance": lambda pipe, seen: {"guidance_scale": 1.0},
+}
+
+
+@pytest.mark.parametrize("feature", list(SDXL_FEATURES))
+def test_sdxl_pipeline_features_at_interval_one(tiny_pipe, feature):
+    _features_at_interval_one(tiny_pipe("tiny-xl"), SDXL_FEATURES, feature)
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_sdxl_img2img_and_inpaint_classes_at_interval_one(tiny_pipe, task):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    kwargs = {"image": image, "strength": 0.6, "aesthetic_score": 7.0, "negative_aesthetic_score": 2.0}
+    if task == "inpaint":
+        kwargs["mask_image"] = Image.fromarray(((rng.random((32, 32)) > 0.5) * 255).astype(np.uint8))
+    pipe = tiny_pipe("tiny-xl", task)
+    assert type(pipe).__name__ == {"img2img": "StableDiffusionXLImg2ImgPipeline",
+                                   "inpaint": "StableDiffusionXLInpaintPipeline"}[task]
+    _features_at_interval_one(pipe, {task: lambda pipe, seen: kwargs}, task)
 
 
 @pytest.mark.parametrize("setup", ["attention_slicing", "vae_slicing", "vae_tiling", "to_float64_and_back"])

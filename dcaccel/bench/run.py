@@ -457,6 +457,8 @@ class Bench:
                     self.outputs[("baseline" if case.kind == "baseline" else case.backend, steps)] = out
                 m.not_timed = self._sweep_check(case, steps, out)
                 self.measurements[(case, steps)] = m
+                self._checkpoint({"phase": "warm-up", "config": case.label, "steps": steps,
+                                  "peak_mem_total_mb": m.peak_total_mb, "peak_mem_delta_mb": m.peak_mb, **(build or {})})
         except MissingDependencyError as e:
             for steps in self.steps:
                 self.failures[(case, steps)] = f"not run: {e}"
@@ -479,7 +481,18 @@ class Bench:
                 del self.measurements[(case, steps)]
                 continue
             m.add(seconds, stats)
+            self._checkpoint({"phase": "round", "config": case.label, "steps": steps, "pipeline_s": seconds,
+                              "denoiser_loop_s": stats.denoiser_seconds})
         progress.update(1)
+
+    def _checkpoint(self, row: dict) -> None:
+        """What was measured so far, one line per warm-up and per timed call, written as it happens: a run killed
+        part-way (for memory, by a time limit) still leaves its measurements in partial.jsonl."""
+        try:
+            with open(self.out_dir / "partial.jsonl", "a") as f:
+                f.write(json.dumps(_finite(row), default=str) + "\n")
+        except OSError:
+            logger.exception("writing partial.jsonl failed")
 
     def _record(self, case: Case, steps: int) -> dict:
         if case.not_run:
@@ -583,6 +596,7 @@ class Bench:
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "results.jsonl").write_text("")
+        (self.out_dir / "partial.jsonl").write_text("")
         logger.info("writing to %s", self.out_dir)
         runnable = [c for c in self.cases if not c.not_run]
         with contextlib.ExitStack() as stack:

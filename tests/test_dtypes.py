@@ -1,0 +1,102 @@
+"""bf16 end to end on tiny models (SD 3 and a U-Net): eager graphs equal the plain bf16 pipeline bit for bit at
+interval 1; a torch_compile build records bfloat16 in its manifest, equals eager within the bf16 tolerance the
+backend documents and refuses an fp32 pipeline (naming the dtypes); ONNX Runtime refuses bf16 builds with what it takes; the graphs
+hold no copy of the pipeline's weights (their parameters are the pipeline's tensors)."""
+
+import functools
+
+import pytest
+import torch
+
+import dcaccel
+from dcaccel import DeepCacheConfig
+
+
+@functools.lru_cache(maxsize=None)
+def _pipe(arch):
+    from dcaccel.models import build_pipeline
+
+    pipe = build_pipeline(arch, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run(pipe, steps=6):
+    return pipe("a red circle", num_inference_steps=steps, height=32, width=32, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def _ours(pipe, config, **options):
+    dcaccel.enable(pipe, config, **options)
+    try:
+        return _run(pipe)
+    finally:
+        dcaccel.disable(pipe)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny"])
+def test_bf16_at_interval_one_is_the_plain_bf16_pipeline(arch):
+    pipe = _pipe(arch)
+    plain = _run(pipe)
+    assert plain.dtype == torch.bfloat16
+    torch.testing.assert_close(_ours(pipe, DeepCacheConfig(interval=1)), plain, rtol=0, atol=0)
+    cached = _ours(pipe, DeepCacheConfig(interval=3))
+    assert cached.dtype == torch.bfloat16 and torch.isfinite(cached.float()).all() and not torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("arch", ["tiny-sd3", "tiny"])
+def test_eager_graphs_hold_no_copy_of_the_weights(arch):
+    pipe = _pipe(arch)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=2))
+    try:
+        state = dcaccel.enabled_state(pipe)
+        model = {t.data_ptr() for t in list(state.model.parameters()) + list(state.model.buffers())}
+        for name, graph in state.runner.graphs.items():
+            tensors = list(graph.parameters()) + list(graph.buffers())
+            assert tensors and all(t.data_ptr() in model for t in tensors), name
+    finally:
+        dcaccel.disable(pipe)
+
+
+def test_onnxruntime_refuses_bf16_with_what_it_takes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+
+    with pytest.raises(ValueError, match="onnxruntime builds take dtype float32 or float16, got 'bfloat16'"):
+        build_engines(_pipe("tiny-sd3"), BuildConfig(height=32, width=32, backend="onnxruntime", dtype="bfloat16"),
+                      out_dir=tmp_path, model_name="tiny-sd3")
+    assert not any(tmp_path.rglob("manifest.json"))
+
+
+@pytest.mark.slow  # two graphs compiled in bf16
+def test_bf16_torch_compile_build(tmp_path):
+    from dcaccel.backends import torch_compile
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import Manifest, build_engines
+    from dcaccel.models import build_pipeline
+
+    pipe = _pipe("tiny-sd3")
+    cfg = DeepCacheConfig(interval=3, head_blocks=1, tail_blocks=1)
+    eager = _ours(pipe, cfg)
+    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, head_blocks=1, tail_blocks=1,
+                                                   backend="torch_compile", dtype="bfloat16",
+                                                   options={"freezing": False}),
+                                 out_dir=tmp_path, model_name="tiny-sd3")
+    assert Manifest.read(directory).data["build"]["dtype"] == "bfloat16"
+    dcaccel.enable(pipe, cfg, backend="torch_compile", engine_dir=directory)
+    try:
+        state = dcaccel.enabled_state(pipe)
+        model = {t.data_ptr() for t in state.model.parameters()}
+        assert all(p.data_ptr() in model for g in state.runner.graphs.values() for p in g.parameters())
+        got = _run(pipe)
+    finally:
+        dcaccel.disable(pipe)
+    atol, rtol = torch_compile.TOLERANCE["bfloat16"]
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), eager.float(), atol=atol, rtol=rtol)
+    fp32 = build_pipeline("tiny-sd3")
+    from dcaccel.errors import EngineError
+
+    with pytest.raises(EngineError, match=r"build.dtype: engine has \"bfloat16\", pipeline needs \"float32\""):
+        dcaccel.enable(fp32, cfg, backend="torch_compile", engine_dir=directory)
