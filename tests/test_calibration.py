@@ -249,6 +249,7 @@ def test_forecast_runs_on_the_unet_and_changes_cached_steps_only(tiny_pipe):
 
 
 @pytest.mark.parametrize("model,margin_db", [("shapes-sd3", 6.0), ("shapes", 1.4)])
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_shipped_calibration_beats_uniform_on_new_prompts(model, margin_db):
     """Image PSNR to the uncached image, at the full-step count of uniform N=3 (7 of 20), on 12 evaluation
     captions (none calibrated on) with seeds 500+. Measured by benchmarks/calibration.py on 109 captions: +12.1 dB
@@ -346,6 +347,7 @@ def test_serve_model_uses_the_stored_calibration_and_reports_fallback(sd3_cal, t
     assert "fallback" in server.schedule_text(STEPS + 3, 4.0)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_forecast_on_onnxruntime_equals_eager(tiny_pipe):
     """The extrapolated feature is written into the runner's own buffers: the ONNX Runtime engine's bound cache
     buffers take it as the eager ones do."""

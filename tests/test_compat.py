@@ -103,6 +103,7 @@ def test_freeu_settings_are_checked(tiny_pipe, freeu_off):
     assert not dcaccel.is_enabled(pipe)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_freeu_on_onnxruntime_equals_eager_and_a_change_is_refused(tiny_pipe, freeu_off, tmp_path):
     pytest.importorskip("onnxruntime")
     pipe = _ddim(tiny_pipe("tiny"))

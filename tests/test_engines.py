@@ -117,6 +117,7 @@ def test_build_twice_is_skipped(tiny_pipe, ort_dirs):
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_interrupted_build_leaves_nothing_that_loads(tiny_pipe, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("simulated interruption")
@@ -215,6 +216,7 @@ def test_unknown_backend_and_provider(tiny_pipe, ort_dirs):
     assert not dcaccel.is_enabled(pipe)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_cli_build_skips_then_forces(ort_dirs, tmp_path, capsys):
     from dcaccel.cli import main
 
@@ -389,6 +391,7 @@ def test_engine_file_changed_in_place_is_refused(ort_dirs, tiny_pipe, tmp_path):
         dcaccel.enable(tiny_pipe(), CONFIG, backend="onnxruntime", engine_dir=copy)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_another_models_file_of_the_same_size_is_refused(ort_dirs, tmp_path):
     from conftest import _pipe
     from dcaccel.models import build_pipeline
@@ -519,6 +522,7 @@ def test_killed_build_leaves_nothing_the_next_build_keeps(tmp_path):
     assert built and sorted(p.name for p in (out / "tiny").iterdir()) == [directory.name]
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_in_memory_builds_leave_no_scratch_directory(tiny_pipe):
     import gc
     import tempfile

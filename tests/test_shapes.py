@@ -188,6 +188,7 @@ def test_training_script_runs_and_resumes(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-07: the default run was 13 min)
 def test_quality_sweep_records_accuracy_fid_and_speed_per_setting(shipped, tmp_path):
     from dcaccel.shapes.evaluate import markdown, quality_sweep
 
