@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_load import load  # noqa: E402
 
+from dcaccel.bench.run import machine_info  # noqa: E402
 from dcaccel.models import shipped_calibration  # noqa: E402
 from dcaccel.serve.cluster import HEAD_IP, LoopbackCluster, free_port, ray_env  # noqa: E402
 
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     _cli("build", "--model", "shapes", "--backend", "onnxruntime", "--batch", str(args.max_batch),
          "--calibration", shipped_calibration("shapes"), "--out", str(engines))
     (engine_dir,) = [m.parent for m in engines.glob("shapes/*/manifest.json")]
-    machine = f"{platform.node()}, {platform.processor() or platform.machine()}, {_cores()} cores"
+    info = machine_info()
+    machine = f"{info['cpu']}, {info['cores_usable']} of {info['cores']} cores usable"
     records = []
     with open(out / "results.jsonl", "w") as log:
         for r in range(args.rounds):
@@ -97,17 +99,11 @@ def main(argv=None) -> int:
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 records.append(row)
-    subprocess.run(["rm", "-rf", str(engines)], check=False)
+    shutil.rmtree(engines, ignore_errors=True)
     (out / "serve.yaml").unlink(missing_ok=True)
     write_report(records, out, args, machine)
     print((out / "results.md").read_text())
     return 0
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def write_report(records: list[dict], out: Path, args, machine: str) -> None:

@@ -16,8 +16,8 @@ images are noise-like, their timings are those of the real architecture.
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import math
 import os
 import sys

@@ -19,6 +19,7 @@ import logging
 import os
 import time
 
+import ray
 from ray import serve
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
@@ -47,8 +48,6 @@ class Generator:
         from .model import ModelServer
 
         self.server = ModelServer(ServeSettings(**settings))
-        import ray
-
         self.replica = f"{ray.util.get_node_ip_address()}/{os.getpid()}"  # X-Replica: which node, which process
         self.settings = self.server.settings
         self.lock = asyncio.Lock()  # one pipeline call at a time per replica
