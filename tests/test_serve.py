@@ -53,24 +53,32 @@ def cluster():
 
 
 def _deploy(cluster, **settings):
+    """The app with these settings on the module's Ray (deployed again only when another one is running: the slow
+    tests deploy their own, and the tests after them must not run against it)."""
     from ray import serve
 
     from dcaccel.serve.app import APP_NAME, build_app
 
-    serve.delete(APP_NAME)
     defaults = dict(model="shapes", threads=1, cpus_per_replica=1.0)
-    serve.run(build_app(ServeSettings(**{**defaults, **settings}).to_dict()), name=APP_NAME, route_prefix="/")
+    wanted = ServeSettings(**{**defaults, **settings}).to_dict()
+    if cluster.get("deployed") == wanted:
+        return cluster["url"]
+    serve.delete(APP_NAME)
+    cluster["deployed"] = None
+    serve.run(build_app(wanted), name=APP_NAME, route_prefix="/")
     deadline = time.time() + 120
     while time.time() < deadline:
         status, _, _ = _request(cluster["url"] + "/healthz", timeout=30)
         if status == 200:
+            cluster["deployed"] = wanted
             return cluster["url"]
         time.sleep(0.5)
     raise AssertionError("the app did not become healthy")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def batched(cluster):
+    """The batching server (deployed once, and again after a test that deployed another)."""
     return _deploy(cluster, max_batch=4, batch_wait_ms=300, max_queued=8)
 
 
