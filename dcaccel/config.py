@@ -195,6 +195,8 @@ class BuildConfig:
     tail_blocks: int | None = None
     cut_controlnet: bool = True    # ControlNet pipelines: see DeepCacheConfig
     guess_mode: bool = False       # ControlNet pipelines: built for guess_mode calls (the ControlNets see half the batch)
+    ip_adapter_images: int = 1     # IP-Adapter pipelines: images per adapter (the image embeddings' second dimension)
+    ip_adapter_masks: bool = False  # IP-Adapter pipelines: graphs that take cross_attention_kwargs["ip_adapter_masks"]
     backend: str = "onnxruntime"
     device: str = "cpu"
     options: dict = field(default_factory=dict, hash=False, compare=True)
@@ -207,7 +209,8 @@ class BuildConfig:
                 raise ValueError(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}")
             put(name, value)
         put("batch_size", check_int("batch_size", self.batch_size, 1, 64))
-        for name in ("cfg", "cut_controlnet", "guess_mode"):
+        put("ip_adapter_images", check_int("ip_adapter_images", self.ip_adapter_images, 1, 16))
+        for name in ("cfg", "cut_controlnet", "guess_mode", "ip_adapter_masks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:

@@ -147,7 +147,10 @@ def engine_fields(family, denoiser, cut: dict, build: BuildConfig, geometry: dic
         "build": {"height": build.height, "width": build.width, "batch_size": build.batch_size, "cfg": build.cfg,
                   "dtype": build.dtype, **cut, "backend": backend.NAME, "options": build_options,
                   # ControlNet engines only (older U-Net and SD3 engines have no such field)
-                  **({"guess_mode": build.guess_mode} if family.name == "controlnet" else {})},
+                  **({"guess_mode": build.guess_mode} if family.name == "controlnet" else {}),
+                  # with IP-Adapters only (engines without them keep their keys)
+                  **({"ip_adapter_images": build.ip_adapter_images, "ip_adapter_masks": build.ip_adapter_masks}
+                     if "ip_adapter_embeds" in geometry else {})},
         "geometry": geometry,
         "specs": specs_to_dict(specs),
         "versions": {pkg: versions.get(pkg) for pkg in backend.VERSIONS},
@@ -505,13 +508,17 @@ def build_engines(pipe, build: BuildConfig, out_dir: str | Path = "engines", mod
 
 def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engine_dir: str | Path | None = None,
                 height: int | None = None, width: int | None = None, batch_size: int = 1, cfg: bool = True,
-                dtype: str | None = None, guess_mode: bool = False, verify_files: bool = True, **options):
+                dtype: str | None = None, guess_mode: bool = False, ip_adapter_images: int = 1,
+                ip_adapter_masks: bool = False, verify_files: bool = True, **options):
     """A runner of `pipe`'s denoiser, cut as `cut_config` says, on `backend`: from a built `engine_dir` (checked
     as described above), or built now for height/width/batch_size/cfg (torch_compile compiles in memory,
     onnxruntime and tensorrt build into a scratch directory removed with the runner). Returns (runner, info)."""
     req = _Request(pipe, cut_config, backend)
     shape_args = {"height": height, "width": width}
+    ip_args = {"ip_adapter_images": ip_adapter_images, "ip_adapter_masks": ip_adapter_masks}
     if engine_dir is not None:
+        if ip_args != {"ip_adapter_images": 1, "ip_adapter_masks": False}:
+            raise ValueError(f"{sorted(ip_args)} are fixed by the engine in {engine_dir}")
         given = {k: v for k, v in shape_args.items() if v is not None}
         if given or dtype is not None:
             raise ValueError(f"{sorted(given) + (['dtype'] if dtype else [])} are fixed by the engine in {engine_dir}")
@@ -520,13 +527,13 @@ def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engin
         if any(v is not None for v in shape_args.values()) or dtype is not None:
             raise ValueError("backend 'eager' runs any shape: it takes no height, width or dtype")
         options = req.options(options)
-        specs = req.specs(_nominal_build(req))
+        specs = req.specs(_nominal_build(req, **ip_args))
         runner = req.backend.load(req.graphs(), specs, options)
         return runner, {"engine_dir": None, "specs": specs, "cut": req.cut}
     if height is None or width is None:
         raise ValueError(f"backend {backend!r} needs engine_dir=..., or height=, width= (and batch_size=, cfg=) to "
                          "build its static-shape graphs now")
-    build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg, guess_mode=guess_mode,
+    build = BuildConfig(height=height, width=width, batch_size=batch_size, cfg=cfg, guess_mode=guess_mode, **ip_args,
                         dtype=dtype or dtype_name(req.denoiser.dtype), backend=req.backend.NAME, **req.cut,
                         options={k: v for k, v in options.items() if k in req.backend.Options.build_fields()})
     parsed = req.options(options)
@@ -549,12 +556,12 @@ def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engin
     return runner, {**info, "engine_dir": None, "scratch_dir": scratch}
 
 
-def _nominal_build(req: _Request) -> BuildConfig:
+def _nominal_build(req: _Request, **ip_args) -> BuildConfig:
     """Shapes for the specs of a backend that takes any shape (eager): only the names matter."""
     size = 8 * req.geometry["vae_scale_factor"]
     dtype = dtype_name(req.denoiser.dtype)
     return BuildConfig(height=size, width=size, dtype=dtype if dtype in ("float32", "float16", "bfloat16")
-                       else "float32", backend="eager", **req.cut)
+                       else "float32", backend="eager", **req.cut, **ip_args)
 
 
 def _open_dir(req: _Request, directory: Path, options: dict, verify_files: bool = True,
@@ -570,7 +577,8 @@ def _open_dir(req: _Request, directory: Path, options: dict, verify_files: bool 
     b = manifest.build
     try:
         build = BuildConfig(height=b["height"], width=b["width"], batch_size=b["batch_size"], cfg=b["cfg"],
-                            guess_mode=b.get("guess_mode", False), dtype=dtype_name(req.denoiser.dtype),
+                            guess_mode=b.get("guess_mode", False), ip_adapter_images=b.get("ip_adapter_images", 1),
+                            ip_adapter_masks=b.get("ip_adapter_masks", False), dtype=dtype_name(req.denoiser.dtype),
                             backend=req.backend.NAME, **req.cut)
     except (KeyError, TypeError, ValueError) as e:
         raise EngineError(f"{directory / MANIFEST}: build settings are malformed ({e}); rebuild with --force") from e

@@ -97,6 +97,11 @@ class EnabledState:
     def _take_settings(self, settings: dict) -> None:
         changed = ", ".join(f"{k} {self.settings.get(k)} -> {v}" for k, v in settings.items()
                             if self.settings.get(k) != v)
+        inputs = self.family.inputs_changed(self.settings, settings)
+        if inputs is not None:
+            raise EngineError(
+                f"the {self.family.denoiser_attr} changed after dcaccel.enable in a way that changes the graphs' "
+                f"inputs ({inputs}): dcaccel.disable(pipe), then dcaccel.enable(pipe, ...) again")
         if not getattr(self.runner, "follows_settings", False):
             raise EngineError(
                 f"the {self.family.denoiser_attr}'s settings changed after dcaccel.enable ({changed}), and the "

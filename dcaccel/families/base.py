@@ -61,6 +61,11 @@ class Family:
         factors): a change after enable makes the graphs be cut again, or is refused where they cannot be."""
         return {}
 
+    def inputs_changed(self, old: dict, new: dict) -> str | None:
+        """Why a change of graph settings (old -> new) changes the graphs' inputs, which a running step loop cannot
+        follow (say IP-Adapters loaded after enable), or None."""
+        return None
+
     def probe(self, denoiser, cut: dict):
         """A small module on the denoiser's weights whose output tells how much a step changed (for
         schedule='dynamic'), with `input_names`; None where the family has none."""

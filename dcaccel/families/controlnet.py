@@ -173,7 +173,7 @@ class FullControlled(nn.Module):
         inputs = {"timestep": timestep, **control}
         down, mid = _control_residuals(self.controlnets, sample.shape[0], inputs)
         return self.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals=down,
-                         mid_residual=mid, timestep_cond=timestep_cond)
+                         mid_residual=mid, timestep_cond=timestep_cond, **_ip_inputs(control))
 
 
 class ShallowControlled(nn.Module):
@@ -183,6 +183,7 @@ class ShallowControlled(nn.Module):
         super().__init__()
         block, layer = divmod(branch, BRANCHES_PER_BLOCK)
         self.unet = ShallowUNet(model.unet, branch)
+        self.unet_reads_text = self.unet.uses_encoder_hidden_states
         self.controlnets = nn.ModuleList(ControlNetGraph(cn, block, layer, full=not cut_controlnet)
                                          for cn in model.controlnets)
 
@@ -195,8 +196,14 @@ class ShallowControlled(nn.Module):
         inputs = {"timestep": timestep, **control}
         down, _ = _control_residuals(self.controlnets, sample.shape[0], inputs)
         n = self.unet.num_residuals
-        return self.unet(sample, timestep, encoder_hidden_states, feature, text_embeds, time_ids,
-                         down_residuals=down[:n], timestep_cond=timestep_cond)
+        return self.unet(sample, timestep, encoder_hidden_states if self.unet_reads_text else None, feature,
+                         text_embeds, time_ids, down_residuals=down[:n], timestep_cond=timestep_cond,
+                         **_ip_inputs(control))
+
+
+def _ip_inputs(inputs: dict) -> dict:
+    """The U-Net's IP-Adapter inputs among a graph's keyword inputs (the others are the ControlNets')."""
+    return {k: v for k, v in inputs.items() if k.startswith(("ip_image_embeds_", "ip_adapter_mask_"))}
 
 
 def split_controlled(model: ControlledUNet, branch: int = 0, cut_controlnet: bool = True):
@@ -213,8 +220,8 @@ def cond_factor(cn) -> int:
 
 
 def graph_specs(model: ControlledUNet, branch: int, build: BuildConfig, vae_scale: int, text_len: int,
-                time_ids: int = 6) -> dict[str, GraphSpec]:
-    specs = unet_family.graph_specs(model.unet, branch, build, vae_scale, text_len, time_ids)
+                time_ids: int = 6, geometry: dict | None = None) -> dict[str, GraphSpec]:
+    specs = unet_family.graph_specs(model.unet, branch, build, vae_scale, text_len, time_ids, geometry)
     full, shallow = specs["full"], specs["shallow"]
     b = build.graph_batch
     bc = b // 2 if build.guess_mode and build.cfg else b
@@ -283,7 +290,7 @@ class ControlNetFamily(Family):
 
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"],
-                           geometry.get("time_ids", 6))
+                           geometry.get("time_ids", 6), geometry)
 
     def config_dict(self, denoiser) -> dict:
         return {"unet": unet_family.FAMILY.config_dict(denoiser.unet),
@@ -292,8 +299,11 @@ class ControlNetFamily(Family):
     def graph_settings(self, denoiser) -> dict:
         return unet_family.FAMILY.graph_settings(denoiser.unet)
 
+    def inputs_changed(self, old: dict, new: dict) -> str | None:
+        return unet_family.FAMILY.inputs_changed(old, new)
+
     def check_call(self, kwargs: dict, runner=None) -> None:
-        unet_family.FAMILY.check_call(kwargs)
+        unet_family.FAMILY.check_call(kwargs, runner)
 
     def attach_extras(self, pipe, wrapper):
         """Give pipe.controlnet a class whose call hands its inputs to the step loop (and the original back at

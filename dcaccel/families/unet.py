@@ -20,6 +20,7 @@ from torch import nn
 from ..config import BuildConfig, DeepCacheConfig
 from ..graphs.spec import GraphSpec, TensorSpec
 from ..graphs.ops import FREEU_KEYS, apply_freeu
+from . import ip_adapter
 from .base import Family, normalized_config, timestep_input
 
 BRANCHES_PER_BLOCK = 3
@@ -49,8 +50,7 @@ def check_unet(unet) -> None:
         problems.append(f"class_embed_type={cfg.class_embed_type!r} (only None)")
     if cfg.addition_embed_type not in (None, "text_time"):
         problems.append(f"addition_embed_type={cfg.addition_embed_type!r} (only None or 'text_time' as in SDXL)")
-    if getattr(unet, "encoder_hid_proj", None) is not None:
-        problems.append("encoder_hid_proj (IP-Adapter style projections are not supported)")
+    problems += ip_adapter.problems(unet)
     down = [type(b).__name__ for b in unet.down_blocks]
     up = [type(b).__name__ for b in unet.up_blocks]
     if any(d not in SUPPORTED_DOWN for d in down):
@@ -139,8 +139,9 @@ class _Head(nn.Module):
         return self.conv_out(h)
 
 
-def _attend(attn, h, encoder_hidden_states):
-    return attn(h, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+def _attend(attn, h, encoder_hidden_states, cross_attention_kwargs=None):
+    return attn(h, encoder_hidden_states=encoder_hidden_states, cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False)[0]
 
 
 class _DownPath(nn.Module):
@@ -159,18 +160,19 @@ class _DownPath(nn.Module):
         """How many skip connections this path gives (conv_in's output, then one per resnet and downsampler)."""
         return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.blocks) + len(self.resnets)
 
-    def forward(self, h, emb, encoder_hidden_states):
+    def forward(self, h, emb, encoder_hidden_states, cross_attention_kwargs=None):
         res = [h]
         for block in self.blocks:
             if getattr(block, "has_cross_attention", False):
-                h, out = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
+                h, out = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states,
+                               cross_attention_kwargs=cross_attention_kwargs)
             else:
                 h, out = block(hidden_states=h, temb=emb)
             res.extend(out)
         for i, resnet in enumerate(self.resnets):
             h = resnet(h, emb)
             if self.attentions is not None:
-                h = _attend(self.attentions[i], h, encoder_hidden_states)
+                h = _attend(self.attentions[i], h, encoder_hidden_states, cross_attention_kwargs)
             res.append(h)
         return h, res
 
@@ -208,21 +210,21 @@ class _UpPath(nn.Module):
             return res[-1].shape[2:]
         return None
 
-    def _partial(self, h, emb, res, encoder_hidden_states, forward_size):
+    def _partial(self, h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs=None):
         for i, resnet in enumerate(self.resnets):
             skip = res.pop()
             if self.freeu is not None:  # out of place: h may be the feature, a graph input or output
                 h, skip = apply_freeu(self.resolution_idx, h, skip, self.freeu)
             h = resnet(torch.cat([h, skip], dim=1), emb)
             if self.attentions is not None:
-                h = _attend(self.attentions[i], h, encoder_hidden_states)
+                h = _attend(self.attentions[i], h, encoder_hidden_states, cross_attention_kwargs)
         if self.upsamplers is not None:
             size = self._upsample_size(res, self.partial_index, forward_size)
             for upsampler in self.upsamplers:
                 h = upsampler(h, size)
         return h
 
-    def _whole(self, h, emb, res, encoder_hidden_states, forward_size):
+    def _whole(self, h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs=None):
         for i, block in enumerate(self.blocks, start=self.first_index):
             n = len(block.resnets)
             block_res = tuple(res[-n:])
@@ -230,17 +232,18 @@ class _UpPath(nn.Module):
             size = self._upsample_size(res, i, forward_size)
             if getattr(block, "has_cross_attention", False):
                 h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=block_res,
-                          encoder_hidden_states=encoder_hidden_states, upsample_size=size)
+                          encoder_hidden_states=encoder_hidden_states, upsample_size=size,
+                          cross_attention_kwargs=cross_attention_kwargs)
             else:
                 h = block(hidden_states=h, temb=emb, res_hidden_states_tuple=block_res, upsample_size=size)
         return h
 
-    def forward(self, h, emb, res, encoder_hidden_states, forward_size: bool):
+    def forward(self, h, emb, res, encoder_hidden_states, forward_size: bool, cross_attention_kwargs=None):
         if self.deep:
-            h = self._whole(h, emb, res, encoder_hidden_states, forward_size)
-            return self._partial(h, emb, res, encoder_hidden_states, forward_size)
-        h = self._partial(h, emb, res, encoder_hidden_states, forward_size)
-        return self._whole(h, emb, res, encoder_hidden_states, forward_size)
+            h = self._whole(h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs)
+            return self._partial(h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs)
+        h = self._partial(h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs)
+        return self._whole(h, emb, res, encoder_hidden_states, forward_size, cross_attention_kwargs)
 
 
 def text_length(pipe) -> int:
@@ -282,8 +285,9 @@ class FullUNet(nn.Module):
         super().__init__()
         block, _, up_block, start = _locate(unet, branch)
         self.branch = branch
-        self.graph_settings = {"freeu": freeu_settings(unet)}
+        self.graph_settings = graph_settings(unet)
         self.stem = _Stem(unet)
+        self.image_cond = ip_adapter.ImageConditioning(unet)
         self.down = _DownPath(unet, len(unet.down_blocks), 0)
         self.mid_block = unet.mid_block
         self.deep_up = _UpPath(unet, up_block, start, deep=True, freeu=self.graph_settings["freeu"])
@@ -292,18 +296,20 @@ class FullUNet(nn.Module):
         self.num_upsamplers = unet.num_upsamplers
 
     def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None,
-                down_residuals=None, mid_residual=None, timestep_cond=None):
-        """down_residuals/mid_residual: a ControlNet's, added where UNet2DConditionModel adds them."""
+                down_residuals=None, mid_residual=None, timestep_cond=None, **ip):
+        """down_residuals/mid_residual: a ControlNet's, added where UNet2DConditionModel adds them. ip: the
+        IP-Adapter inputs (ip_image_embeds_k, ip_adapter_mask_k; see families.ip_adapter)."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
         emb, h = self.stem(sample, timestep, text_embeds, time_ids, timestep_cond)
-        h, res = self.down(h, emb, encoder_hidden_states)
+        cond, kwargs = self.image_cond(encoder_hidden_states, ip)
+        h, res = self.down(h, emb, cond, kwargs)
         if down_residuals is not None:
             res = [r + d for r, d in zip(res, down_residuals)]
-        h = self.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
+        h = self.mid_block(h, emb, encoder_hidden_states=cond, cross_attention_kwargs=kwargs)
         if mid_residual is not None:
             h = h + mid_residual
-        feature = self.deep_up(h, emb, res, encoder_hidden_states, forward_size)
-        h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
+        feature = self.deep_up(h, emb, res, cond, forward_size, kwargs)
+        h = self.shallow_up(feature, emb, res, cond, forward_size, kwargs)
         return self.head(h), feature
 
 
@@ -316,8 +322,9 @@ class ShallowUNet(nn.Module):
         super().__init__()
         block, layer, up_block, start = _locate(unet, branch)
         self.branch = branch
-        self.graph_settings = {"freeu": freeu_settings(unet)}
+        self.graph_settings = graph_settings(unet)
         self.stem = _Stem(unet)
+        self.image_cond = ip_adapter.ImageConditioning(unet)
         self.down = _DownPath(unet, block, layer)
         self.shallow_up = _UpPath(unet, up_block, start, freeu=self.graph_settings["freeu"])
         self.head = _Head(unet)
@@ -336,16 +343,27 @@ class ShallowUNet(nn.Module):
         return any(isinstance(m, Transformer2DModel) for m in self.modules())
 
     def forward(self, sample, timestep, encoder_hidden_states=None, feature=None, text_embeds=None, time_ids=None,
-                down_residuals=None, timestep_cond=None):
+                down_residuals=None, timestep_cond=None, **ip):
         """down_residuals: the first `num_residuals` of a ControlNet's down residuals (the others feed cached
-        modules)."""
+        modules). ip: the IP-Adapter inputs, given only where the shallow branch has cross-attention."""
         forward_size = _forward_upsample_size(sample, self.num_upsamplers)
         emb, h = self.stem(sample, timestep, text_embeds, time_ids, timestep_cond)
-        _, res = self.down(h, emb, encoder_hidden_states)
+        if ip or (self.image_cond.n and encoder_hidden_states is not None):
+            cond, kwargs = self.image_cond(encoder_hidden_states, ip)
+        else:  # no cross-attention on the shallow branch (SDXL's first branches): no text, no image states
+            cond, kwargs = encoder_hidden_states, None
+        _, res = self.down(h, emb, cond, kwargs)
         if down_residuals is not None:
             res = [r + d for r, d in zip(res, down_residuals)]
-        h = self.shallow_up(feature, emb, res, encoder_hidden_states, forward_size)
+        h = self.shallow_up(feature, emb, res, cond, forward_size, kwargs)
         return self.head(h)
+
+
+def graph_settings(unet) -> dict:
+    """What the graphs compute with besides the weights: FreeU's factors, the IP-Adapters' kinds and scales."""
+    settings = {"freeu": freeu_settings(unet)}
+    ip = ip_adapter.settings(unet)
+    return settings if ip is None else {**settings, "ip_adapter": ip}
 
 
 def split_unet(unet, branch: int = 0) -> tuple[FullUNet, ShallowUNet]:
@@ -393,9 +411,10 @@ _UNSUPPORTED_KWARGS = (
 
 
 def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_len: int = 77,
-                time_ids: int = 6) -> dict[str, GraphSpec]:
+                time_ids: int = 6, geometry: dict | None = None) -> dict[str, GraphSpec]:
     """The full and shallow GraphSpecs for `unet` cut at `branch`, at the build's resolution, batch and dtype.
-    `time_ids`: SDXL's micro-conditioning values per image (6; 5 for the refiner's aesthetic-score layout)."""
+    `time_ids`: SDXL's micro-conditioning values per image (6; 5 for the refiner's aesthetic-score layout).
+    `geometry`: the family's (for the IP-Adapter inputs' shapes)."""
     _locate(unet, branch)
     for name in ("height", "width"):
         if getattr(build, name) % vae_scale:
@@ -413,15 +432,27 @@ def graph_specs(unet, branch: int, build: BuildConfig, vae_scale: int = 8, text_
         inputs += [TensorSpec("text_embeds", (b, pooled), dt), TensorSpec("time_ids", (b, time_ids), dt)]
     if cfg.time_cond_proj_dim is not None:  # LCM- and guidance-distilled U-Nets: the guidance embedding
         inputs.append(TensorSpec("timestep_cond", (b, cfg.time_cond_proj_dim), dt))
+    ip = ip_adapter.input_specs(geometry or {}, build, b)
     noise = TensorSpec("noise", (b, cfg.out_channels, h, w), dt)
     feature = TensorSpec("feature", feature_shape(unet, branch, b, h, w), dt)
     shallow_inputs = inputs[:2] + [feature] + inputs[3:]
     if ShallowUNet(unet, branch).uses_encoder_hidden_states:
         shallow_inputs.insert(2, inputs[2])
+        shallow_inputs += ip
+    inputs += ip
     return {
         "full": GraphSpec("full", tuple(inputs), (noise, feature), cache=("feature",)),
         "shallow": GraphSpec("shallow", tuple(shallow_inputs), (noise,), cache=("feature",)),
     }
+
+
+def check_cross_attention_kwargs(cross_attention_kwargs: dict | None) -> None:
+    """The U-Net's per-call cross_attention_kwargs the graphs take: IP-Adapter masks, nothing else."""
+    other = sorted(k for k in (cross_attention_kwargs or {}) if k != "ip_adapter_masks")
+    if other:
+        raise ValueError(f"cross_attention_kwargs {other} are not supported (only 'ip_adapter_masks'): fuse LoRA "
+                         "scales into the weights (dcaccel.lora, or pipe.fuse_lora(lora_scale=...)) instead of "
+                         "passing them per call")
 
 
 class UNetFamily(Family):
@@ -453,27 +484,35 @@ class UNetFamily(Family):
         return split_unet(denoiser, cut["branch"])
 
     def graph_settings(self, denoiser) -> dict:
-        return {"freeu": freeu_settings(denoiser)}
+        return graph_settings(denoiser)
+
+    def inputs_changed(self, old: dict, new: dict) -> str | None:
+        before, after = ((s.get("ip_adapter") or {}).get("adapters", []) for s in (old, new))
+        if before != after:
+            return f"IP-Adapters {before} -> {after} (pipe.load_ip_adapter / unload_ip_adapter)"
+        return None
 
     def config_dict(self, denoiser) -> dict:
         config = normalized_config(dict(denoiser.config))
-        freeu = freeu_settings(denoiser)
-        return config if freeu is None else {**config, "freeu": freeu}
+        settings = {k: v for k, v in graph_settings(denoiser).items() if v is not None}
+        return {**config, **normalized_config(settings)}
 
     def geometry(self, pipe) -> dict:
         geometry = {"vae_scale_factor": int(pipe.vae_scale_factor), "text_len": text_length(pipe)}
         if getattr(pipe.config, "requires_aesthetics_score", False):  # the SDXL refiner: 5 time ids, not 6
             geometry["time_ids"] = 5
-        return geometry
+        return {**geometry, **ip_adapter.geometry(pipe, self.denoiser(pipe))}
 
     def graph_specs(self, denoiser, cut: dict, build: BuildConfig, geometry: dict) -> dict[str, GraphSpec]:
         return graph_specs(denoiser, cut["branch"], build, geometry["vae_scale_factor"], geometry["text_len"],
-                           geometry.get("time_ids", 6))
+                           geometry.get("time_ids", 6), geometry)
 
     def check_call(self, kwargs: dict, runner=None) -> None:
-        if kwargs.get("cross_attention_kwargs"):
-            raise ValueError(f"cross_attention_kwargs {sorted(kwargs['cross_attention_kwargs'])} are not supported: "
-                             "fuse LoRA scales into the weights (dcaccel.lora) instead of passing them per call")
+        check_cross_attention_kwargs(kwargs.get("cross_attention_kwargs"))
+        specs = getattr(runner, "specs", None)
+        if specs is not None:
+            masks = (kwargs.get("cross_attention_kwargs") or {}).get("ip_adapter_masks")
+            ip_adapter.check_masks(specs, masks is not None, "the DeepCache graphs")
 
     def call_inputs(self, denoiser, args: tuple, kwargs: dict, wrapper=None) -> dict[str, torch.Tensor]:
         kwargs = dict(kwargs)
@@ -497,9 +536,7 @@ class UNetFamily(Family):
         if used:
             raise ValueError(f"dcaccel does not support the U-Net arguments {used} (class labels, attention masks, "
                              "T2I-Adapter residuals); disable DeepCache for such pipelines")
-        if cross_attention_kwargs:
-            raise ValueError(f"cross_attention_kwargs {sorted(cross_attention_kwargs)} are not supported: fuse LoRA "
-                             "scales into the weights (dcaccel.lora) instead of passing them per call")
+        check_cross_attention_kwargs(cross_attention_kwargs)
         inputs = {"sample": sample, "timestep": timestep_input(timestep, sample.shape[0], sample.device),
                   "encoder_hidden_states": encoder_hidden_states}
         if denoiser.config.addition_embed_type == "text_time":
@@ -515,6 +552,10 @@ class UNetFamily(Family):
             inputs["timestep_cond"] = timestep_cond
         elif timestep_cond is not None:
             raise ValueError("timestep_cond was given to a U-Net without time_cond_proj_dim (it would be ignored)")
+        inputs.update(ip_adapter.call_inputs(denoiser, added_cond_kwargs, cross_attention_kwargs))
+        specs = getattr(getattr(wrapper, "runner", None), "specs", None)
+        if specs is not None:
+            ip_adapter.check_against(specs, inputs, "the DeepCache graphs")
         return inputs
 
     def output(self, noise: torch.Tensor, return_dict: bool):
