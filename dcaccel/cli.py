@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="fuse this LoRA first (repeatable; also into the --baseline run); shapes-lcm names the "
                           "shipped LCM-LoRA of the shapes model (use with --scheduler lcm --steps 4 --guidance 1)")
+    add_ip_adapter_argument(gen)
+    gen.add_argument("--ip-adapter-image", action="append", default=[], metavar="IMAGE",
+                     help="the image prompt of each --ip-adapter, in order (needs the adapter's image encoder: an "
+                          "image_encoder/ directory beside the first --ip-adapter file)")
     gen.add_argument("--image", help="input image: img2img (or inpainting with --mask)")
     gen.add_argument("--mask", help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", type=float, default=0.8, help="img2img/inpaint strength (default 0.8)")
@@ -198,6 +202,12 @@ def add_cut_arguments(p: argparse.ArgumentParser) -> None:
                                                    "(default 1)")
 
 
+def add_ip_adapter_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="U-Nets: load this IP-Adapter file (diffusers' load_ip_adapter) with its scale (default 1; "
+                        "repeatable: several adapters). Engines record it: build and generate with the same ones")
+
+
 def add_option_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, e.g. exporter=dynamo or threads=2 (onnxruntime), freezing=false "
@@ -216,6 +226,11 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
                    help="pipeline the engines are for (inpaint U-Nets take 9 input channels)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="fuse this LoRA before building (repeatable)")
+    add_ip_adapter_argument(p)
+    p.add_argument("--ip-adapter-images", type=int, default=1,
+                   help="IP-Adapter engines: image prompts per adapter in each call (default 1)")
+    p.add_argument("--ip-adapter-masks", action="store_true",
+                   help="IP-Adapter engines: graphs that take masks (cross_attention_kwargs['ip_adapter_masks'])")
     p.add_argument("--fp16", action="store_true", help="TensorRT: allow fp16 kernels (the option fp16=true)")
     p.add_argument("--refittable", action="store_true",
                    help="TensorRT: refittable engines for LoRA swaps (the option refittable=true)")
@@ -312,6 +327,11 @@ def check_generate_arguments(args) -> None:
     if args.mask and not args.image:
         raise ValueError("--mask needs --image (inpainting repaints the masked part of an image)")
     image_format(args.output, "--output")
+    if len(args.ip_adapter_image) != len(args.ip_adapter):
+        raise ValueError(f"give one --ip-adapter-image per --ip-adapter (got {len(args.ip_adapter_image)} image(s) for "
+                         f"{len(args.ip_adapter)} adapter(s))")
+    for path in args.ip_adapter_image:
+        _open_image("--ip-adapter-image", path).close()
     if args.mask:
         from .models import check_task
 
@@ -470,7 +490,7 @@ def generate(args) -> int:
 
     from . import pipeline as dc
     from .families import family_of_pipeline
-    from .models import default_resolution
+    from .models import default_resolution, load_ip_adapters, parse_ip_adapter_argument
     from .runtime import DenoiserTimer
 
     check_generate_arguments(args)
@@ -492,6 +512,11 @@ def generate(args) -> int:
         from .lora import apply_loras, parse_lora_argument
 
         apply_loras(pipe, [parse_lora_argument(text) for text in args.lora], fuse=True)
+    if args.ip_adapter:
+        load_ip_adapters(pipe, args.ip_adapter)
+        if getattr(pipe, "image_encoder", None) is None:
+            raise ValueError("--ip-adapter-image needs the adapter's image encoder: an image_encoder/ directory (a "
+                             f"CLIPVisionModelWithProjection) beside {parse_ip_adapter_argument(args.ip_adapter[0])[0]}")
     if args.scheduler:
         if denoiser_name != "unet":
             raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "
@@ -512,6 +537,8 @@ def generate(args) -> int:
         if task == "inpaint":
             call.update(mask_image=_open_image("--mask", args.mask).convert("L").resize((width, height)),
                         height=height, width=width)
+    if args.ip_adapter_image:
+        call["ip_adapter_image"] = [_open_image("--ip-adapter-image", p).convert("RGB") for p in args.ip_adapter_image]
 
     def run():
         t0 = time.perf_counter()
@@ -708,7 +735,7 @@ def build(args) -> int:
     written to a temporary directory renamed into place when complete."""
     from .config import BuildConfig
     from .engines import Manifest, build_engines
-    from .models import ARCHITECTURES, TRAINED, default_resolution
+    from .models import ARCHITECTURES, TRAINED, default_resolution, load_ip_adapters
 
     check_model_arguments(args)
     options = build_options(args)
@@ -720,11 +747,15 @@ def build(args) -> int:
         from .lora import apply_loras, parse_lora_argument
 
         apply_loras(pipe, [parse_lora_argument(text) for text in args.lora], fuse=True)
+    if args.ip_adapter_masks or args.ip_adapter_images != 1:
+        if not args.ip_adapter:
+            raise ValueError("--ip-adapter-images / --ip-adapter-masks are for IP-Adapter engines: give --ip-adapter")
+    load_ip_adapters(pipe, args.ip_adapter)
     size = default_resolution(pipe)
     config = BuildConfig(height=args.height or size, width=args.width or size, batch_size=args.batch,
                          cfg=not args.no_cfg, dtype=args.dtype, branch=args.branch, head_blocks=args.head_blocks,
-                         tail_blocks=args.tail_blocks, backend=args.backend,
-                         device=args.device, options=options)
+                         tail_blocks=args.tail_blocks, backend=args.backend, ip_adapter_images=args.ip_adapter_images,
+                         ip_adapter_masks=args.ip_adapter_masks, device=args.device, options=options)
     name = args.name or (args.model if args.model in ARCHITECTURES + TRAINED else Path(args.model).resolve().name)
     calibration = None
     if args.calibration:  # checked against this pipeline and cut before anything is built

@@ -207,3 +207,49 @@ def default_resolution(arch_or_pipe) -> int:
     pipe = arch_or_pipe
     denoiser = pipe.__dict__.get("transformer", pipe.__dict__.get("unet"))
     return denoiser.config.sample_size * pipe.vae_scale_factor
+
+
+def parse_ip_adapter_argument(text: str) -> tuple[str, float]:
+    """'FILE[:SCALE]' (a command-line argument) -> (file, scale); a suffix that is not a number belongs to the
+    file name."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def load_ip_adapters(pipe, arguments: list[str]) -> list[tuple[str, float]]:
+    """Load IP-Adapter files ('FILE[:SCALE]', as `--ip-adapter` takes them) into a U-Net pipeline with diffusers'
+    own pipe.load_ip_adapter, and set their scales. The image encoder (for ip_adapter_image) is read from an
+    `image_encoder/` directory beside the first file when there is one (h94/IP-Adapter's layout:
+    models/ip-adapter_sd15.safetensors beside models/image_encoder/); without one, calls pass
+    ip_adapter_image_embeds. Checks every file before loading any."""
+    import math
+
+    specs = [parse_ip_adapter_argument(text) for text in arguments]
+    if not specs:
+        return []
+    if not hasattr(pipe, "load_ip_adapter") or getattr(pipe, "unet", None) is None:
+        raise ValueError(f"--ip-adapter: {type(pipe).__name__} takes no IP-Adapter here (dcaccel supports IP-Adapters "
+                         "on the U-Net pipelines: SD 1.x/2.x, SDXL and their ControlNet pipelines)")
+    for path, scale in specs:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ip-adapter {path}: no such file (an IP-Adapter .safetensors or .bin file)")
+        if not path.endswith((".safetensors", ".bin")):
+            raise ValueError(f"--ip-adapter {path}: expected a .safetensors or .bin IP-Adapter file")
+        if not math.isfinite(scale) or not 0 <= scale <= 10:
+            raise ValueError(f"--ip-adapter {path}: the scale must be a number in 0..10, got {scale}")
+    first = os.path.dirname(os.path.abspath(specs[0][0]))
+    encoder = "image_encoder" if os.path.isdir(os.path.join(first, "image_encoder")) else None
+    try:
+        pipe.load_ip_adapter([os.path.dirname(os.path.abspath(p)) for p, _ in specs], subfolder=[""] * len(specs),
+                             weight_name=[os.path.basename(p) for p, _ in specs], image_encoder_folder=encoder)
+    except (KeyError, RuntimeError, OSError) as e:
+        raise ValueError(f"--ip-adapter: diffusers could not load {[p for p, _ in specs]} into this "
+                         f"{type(pipe.unet).__name__} ({type(e).__name__}: {e}); is it an IP-Adapter for this "
+                         "model's architecture?") from e
+    pipe.set_ip_adapter_scale([s for _, s in specs])
+    return specs

@@ -322,3 +322,79 @@ def test_torch_compile_equals_eager_and_follows_a_scale_change(tmp_path):
     finally:
         pipe.set_ip_adapter_scale([0.7, 0.4])
         dcaccel.disable(pipe)
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    command = ([str(root / "build_scripts" / "build.py"), *args[1:]] if args[0] == "build.py"
+               else ["-m", "dcaccel.cli", *args])
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+
+
+@pytest.mark.slow  # four processes, an ONNX Runtime build: about 70 s
+def test_build_script_and_generate_in_separate_processes(tmp_path):
+    """As users run it: an IP-Adapter file with its image encoder beside it (h94/IP-Adapter's layout), engines built
+    by build_scripts/build.py in one process, `dcaccel generate` with an image prompt loading them in others."""
+    from PIL import Image
+
+    from dcaccel.models import build_pipeline
+
+    models = tmp_path / "models"
+    name = write_ip_adapter(build_pipeline("tiny", seed=0).unet, models)
+    write_image_encoder(models)
+    Image.new("RGB", (48, 40), (30, 200, 60)).save(tmp_path / "style.png")
+    adapter = f"{models / name}:0.6"
+    built = _cli("build.py", "--model", "tiny", "--height", "32", "--width", "32", "--backend", "onnxruntime",
+                 "--ip-adapter", adapter, "--out", "engines", cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    engine = next((tmp_path / "engines" / "tiny").iterdir())
+    import json
+
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["geometry"]["ip_adapter_embeds"] == [[32]]
+    assert manifest["model_config"]["ip_adapter"] == {"adapters": ["ImageProjection"], "scales": [0.6]}
+    assert manifest["build"]["ip_adapter_images"] == 1 and manifest["build"]["ip_adapter_masks"] is False
+    run = _cli("generate", "--model", "tiny", "--steps", "6", "--ip-adapter", adapter, "--ip-adapter-image",
+               "style.png", "--backend", "onnxruntime", "--engine-dir", str(engine), "--baseline", "-o", "a.png",
+               cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "2 full + 4 shallow U-Net evaluations" in run.stdout
+    # the same engine, the same call without DeepCache's caching: the plain pipeline within ONNX Runtime's tolerance
+    exact = _cli("generate", "--model", "tiny", "--steps", "6", "--interval", "1", "--ip-adapter", adapter,
+                 "--ip-adapter-image", "style.png", "--backend", "onnxruntime", "--engine-dir", str(engine),
+                 "--baseline", "-o", "b.png", cwd=tmp_path)
+    assert exact.returncode == 0, exact.stderr
+    import re
+
+    assert int(re.search(r"max \|diff\| (\d+) of 255", exact.stdout).group(1)) <= 1, exact.stdout
+    # another scale than the engine was built with: refused, naming the field, one line, exit 2
+    other = _cli("generate", "--model", "tiny", "--steps", "6", "--ip-adapter", f"{models / name}:0.5",
+                 "--ip-adapter-image", "style.png", "--backend", "onnxruntime", "--engine-dir", str(engine),
+                 "-o", "c.png", cwd=tmp_path)
+    assert other.returncode == 2 and "model_config.ip_adapter" in other.stderr, other.stderr
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_cli_refuses_bad_ip_adapter_arguments_before_loading(tmp_path, capsys):
+    from dcaccel.cli import main
+
+    assert main(["generate", "--model", "tiny", "--ip-adapter", str(tmp_path / "none.safetensors")]) == 2
+    assert "one --ip-adapter-image per --ip-adapter" in capsys.readouterr().err
+    (tmp_path / "a.png").write_bytes(b"not an image")
+    assert main(["generate", "--model", "tiny", "--ip-adapter", str(tmp_path / "none.safetensors"),
+                 "--ip-adapter-image", str(tmp_path / "a.png")]) == 2
+    assert "--ip-adapter-image" in capsys.readouterr().err
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    assert main(["generate", "--model", "tiny", "--ip-adapter", str(tmp_path / "none.safetensors"),
+                 "--ip-adapter-image", str(tmp_path / "b.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["build", "--model", "tiny", "--ip-adapter-masks", "--out", str(tmp_path / "e")]) == 2
+    assert "give --ip-adapter" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
