@@ -55,6 +55,7 @@ class EnabledState:
     info: dict
     bakes_weights: bool                # whether the runner holds copies of the weights (engines, frozen graphs)
     restore_extras: object = None      # undoes what the family did besides the denoiser (ControlNet calls)
+    released: bool = False             # enable(release_weights=True): the denoiser's weights were freed
     settings: dict = field(default_factory=dict)  # family.graph_settings the graphs were made with (FreeU)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -73,6 +74,8 @@ class EnabledState:
         settings = self.family.graph_settings(self.model)
         if settings != self.settings:
             self._take_settings(settings)
+            return
+        if self.released:  # the engine holds the only copy of the weights; nothing can change them
             return
         now = weights_fingerprint(self.model, values=self.bakes_weights)
         if fingerprints_equal(now, self.runner.weights_fingerprint):
@@ -172,6 +175,12 @@ def _original_denoiser(pipe, state: EnabledState):
         pipe.__dict__[attr] = before
 
 
+# Loader methods that read or write the denoiser's weights (refused once they are released); the others (prompt
+# conversion for textual inversion, set_ip_adapter_scale, ...) run.
+_WRITES_WEIGHTS = ("load_", "fuse_", "unfuse_", "unload_", "save_", "set_adapters", "delete_adapters",
+                   "enable_lora", "disable_lora")
+
+
 def _with_original_denoiser(method):
     """A pipeline method (diffusers' LoRA, textual inversion, ... loaders) run with the original denoiser in place
     of the step loop, one at a time with the pipeline's calls. The step loop sees what changed at the next call
@@ -181,6 +190,11 @@ def _with_original_denoiser(method):
         state = enabled_state(self)
         if state is None:
             return method(self, *args, **kwargs)
+        if state.released and method.__name__.startswith(_WRITES_WEIGHTS):
+            raise RuntimeError(f"{method.__name__}: the {state.family.denoiser_attr}'s weights were released by "
+                               "dcaccel.enable(..., release_weights=True) (the engine holds the only copy), so they "
+                               "cannot be read, changed or loaded into; save or change the pipeline before enabling "
+                               "it, or load it again without release_weights")
         with state.lock, _original_denoiser(self, state):
             return method(self, *args, **kwargs)
 
@@ -209,12 +223,24 @@ def _num_evaluations(pipe) -> int:
     return len(sched.timesteps) - int(getattr(sched, "begin_index", None) or 0)
 
 
-def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", **options):
+def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", release_weights: bool = False,
+           **options):
     """Run `pipe`'s denoiser as DeepCache's full/shallow graphs on `backend`. Returns `pipe`.
 
     Options go to the engine layer and the backend: engine_dir=... (a build), or height=, width= (batch_size=,
     cfg=, dtype=) to build for those shapes now, and the backend's own options (see its Options class).
+
+    release_weights=True (onnxruntime, tensorrt): once the engine is loaded, free the denoiser's own weights, which
+    the engine holds a copy of, so host memory holds the model once. The price: the weights cannot change while
+    enabled (LoRA loaders are refused), and after disable() the denoiser cannot run (a clear error says so): load
+    the pipeline again to use it without DeepCache.
     """
+    if not isinstance(release_weights, bool):
+        raise ValueError(f"release_weights must be True or False, got {release_weights!r}")
+    if release_weights and backend not in RELEASES_WEIGHTS:
+        raise ValueError(f"release_weights=True needs an engine that holds its own copy of the weights "
+                         f"(backend {' or '.join(RELEASES_WEIGHTS)}); backend {backend!r} computes with the "
+                         "denoiser's own weights")
     config = config or DeepCacheConfig()
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
@@ -230,7 +256,39 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
         raise ValueError(f"this pipeline has accelerate's offload hooks ({_OFFLOAD}): {_OFFLOAD_WHY}. Call "
                          "pipe.remove_all_hooks() and pipe.to(device) before dcaccel.enable")
     runner, info = open_runner(pipe, config, backend, **options)
-    return attach(pipe, config, backend, runner, info)
+    attach(pipe, config, backend, runner, info)
+    if release_weights:
+        state = enabled_state(pipe)
+        freed = release_denoiser_weights(state.model, [state.denoiser, *getattr(state.model, "controlnets", [])],
+                                         state.family.denoiser_attr)
+        state.released = True
+        logger.info("released %.2f GB of %s weights (the %s engine holds them)", freed / 1e9,
+                    state.family.denoiser_attr, backend)
+    return pipe
+
+
+RELEASES_WEIGHTS = ("onnxruntime", "tensorrt")
+
+
+def release_denoiser_weights(model: torch.nn.Module, callable_modules: list, name: str) -> int:
+    """Free the storage of `model`'s parameters (each becomes an empty tensor of its dtype and device, so the
+    pipeline still reads the denoiser's dtype and device) and make any later call of `callable_modules` (the
+    pipeline's denoiser, its ControlNets) outside the step loop fail clearly. Returns the bytes released."""
+    freed = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            freed += p.numel() * p.element_size()
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+
+    def refuse(module, args):
+        if getattr(type(module), "_dcaccel_hands_over", False):  # a ControlNet inside the enabled step loop
+            return
+        raise RuntimeError(f"this {name}'s weights were released by dcaccel.enable(..., release_weights=True) (an "
+                           "engine held the only copy); load the pipeline again to run it without DeepCache")
+
+    for module in callable_modules:
+        module.register_forward_pre_hook(refuse)
+    return freed
 
 
 _OFFLOAD = "enable_model_cpu_offload / enable_sequential_cpu_offload"

@@ -100,3 +100,72 @@ def test_bf16_torch_compile_build(tmp_path):
 
     with pytest.raises(EngineError, match=r"build.dtype: engine has \"bfloat16\", pipeline needs \"float32\""):
         dcaccel.enable(fp32, cfg, backend="torch_compile", engine_dir=directory)
+
+
+# -- release_weights: the engine holds the only copy ------------------------------------------------------------------
+
+
+def _fresh_pipe(arch, controlnets=0):
+    import diffusers
+
+    from dcaccel.models import build_pipeline
+
+    pipe = build_pipeline(arch, "text2img", seed=0, **({"controlnets": controlnets} if controlnets else {}))
+    if arch != "tiny-sd3":
+        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from conftest import run_latents
+
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+
+    pipe = _fresh_pipe("tiny")
+    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, backend="onnxruntime"), out_dir=tmp_path,
+                                 model_name="tiny")
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory)
+    kept = run_latents(pipe)
+    dcaccel.disable(pipe)
+    unet = pipe.unet
+    size = sum(p.numel() for p in unet.parameters())
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory,
+                   release_weights=True)
+    assert size > 0 and sum(p.numel() for p in unet.parameters()) == 0  # every parameter's storage is gone
+    assert pipe.unet.dtype == torch.float32 and pipe.unet.device.type == "cpu"
+    torch.testing.assert_close(run_latents(pipe), kept, rtol=0, atol=0)
+    torch.testing.assert_close(run_latents(pipe), kept, rtol=0, atol=0)  # and again: nothing else read them
+    with pytest.raises(RuntimeError, match="release_weights=True"):
+        pipe.load_lora_weights({"x": torch.zeros(1)})  # diffusers' loaders cannot write into released weights
+    dcaccel.disable(pipe)
+    with pytest.raises(RuntimeError, match="weights were released by dcaccel.enable"):
+        run_latents(pipe)  # the plain pipeline cannot run any more, and says why
+
+
+def test_release_weights_is_refused_where_the_graphs_use_the_weights():
+    pipe = _fresh_pipe("tiny")
+    for backend in ("eager", "torch_compile"):
+        with pytest.raises(ValueError, match="release_weights=True needs an engine"):
+            dcaccel.enable(pipe, DeepCacheConfig(), backend=backend, release_weights=True)
+        assert not dcaccel.is_enabled(pipe)
+    assert sum(p.numel() for p in pipe.unet.parameters()) > 0
+
+
+@pytest.mark.slow  # an ONNX Runtime build of a ControlNet pipeline: about 40 s
+def test_release_weights_on_a_controlnet_pipeline():
+    pytest.importorskip("onnxruntime")
+    from test_controlnet import run
+
+    pipe = _fresh_pipe("tiny", controlnets=1)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", height=32, width=32)
+    kept = run(pipe)
+    dcaccel.disable(pipe)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", height=32, width=32,
+                   release_weights=True)
+    assert sum(p.numel() for p in pipe.controlnet.parameters()) == 0
+    torch.testing.assert_close(run(pipe), kept, rtol=0, atol=0)
+    dcaccel.disable(pipe)
+    with pytest.raises(RuntimeError, match="weights were released"):
+        run(pipe)

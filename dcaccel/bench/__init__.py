@@ -95,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--no-keep-runners", dest="keep_runners", action="store_false",
                         help="open each backend's runner again in every round instead of keeping it (less memory: "
                              "for models whose engines do not fit in memory together)")
+    timing.add_argument("--compile-freezing", choices=("on", "off"),
+                        help="torch_compile rows: inductor weight freezing (default: the backend's, on for CPU). off "
+                             "keeps no frozen copy of the weights beside the pipeline's (memory), at some speed on CPU")
     timing.add_argument("--out", help="output directory (default benchmarks/results/<date>-<model>/)")
     timing.add_argument("--engine-dir", help="keep engine builds here and reuse matching ones (default: a "
                                              "temporary directory, removed at the end)")

@@ -327,6 +327,8 @@ class Bench:
                     options["threads"] = self.args.threads
         elif case.backend == "torch_compile":
             options.update(height=self.height, width=self.width, batch_size=self.args.batch, cfg=self.cfg)
+            if getattr(self.args, "compile_freezing", None):
+                options["freezing"] = self.args.compile_freezing == "on"
         start = time.perf_counter()
         runner, info = open_runner(self.pipe, case.config, case.backend, **options)
         seconds = time.perf_counter() - start
@@ -586,7 +588,8 @@ class Bench:
                          f"{self.scheduler_name}, steps {', '.join(map(str, self.steps))}, {a.repeats} interleaved "
                          f"rounds after {max(a.warmup, 1)} untimed call(s) per configuration, torch threads "
                          f"{self.torch_threads}, ONNX Runtime threads {a.threads or 'default'}, seed {a.seed}, "
-                         f"dtype {self.dtype}, device {self.device.type}, LoRA {lora_text}"),
+                         f"dtype {self.dtype}, device {self.device.type}, LoRA {lora_text}, torch_compile freezing "
+                         f"{getattr(a, 'compile_freezing', None) or 'default'}"),
             "memory": self.memory.method,
             "family": self.family.name,
         }

@@ -326,7 +326,8 @@ class ControlNetFamily(Family):
             down = [placeholders.get((sample.shape[0], 1, 1, 1), sample)] * residual_count(model.controlnets[0])
             return down, placeholders.get((sample.shape[0], 1, 1, 1), sample)
 
-        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__})
+        cls = type(original.__name__, (original,), {"forward": forward, "__module__": original.__module__,
+                                                    "_dcaccel_hands_over": True})
         cn.__class__ = cls
 
         def restore():
