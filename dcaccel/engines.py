@@ -403,6 +403,24 @@ def scratch_dir() -> Path:
 # -- building ---------------------------------------------------------------------------------------------------------
 
 
+RELEASED = "_dcaccel_released"  # set on models whose weights enable(release_weights=True) freed
+
+
+def check_not_released(pipe, attr: str) -> None:
+    """Refuse a pipeline whose denoiser (or ControlNet) weights were released: graphs cut, built or run from it
+    would compute with empty tensors."""
+    models = [getattr(pipe, attr, None), *controlnet_models(pipe)]
+    if any(getattr(m, RELEASED, False) for m in models if m is not None):
+        raise EngineError(f"this pipeline's {attr} weights were released by dcaccel.enable(..., release_weights=True) "
+                          "(an engine held the only copy): nothing can be built or run from them; load the pipeline "
+                          "again")
+
+
+def controlnet_models(pipe) -> list:
+    cn = getattr(pipe, "controlnet", None)
+    return [] if cn is None else list(cn.nets) if hasattr(cn, "nets") else [cn]
+
+
 class _Request:
     """A pipeline, the cut and the backend: what both building and opening start from."""
 
@@ -410,6 +428,7 @@ class _Request:
         self.pipe = pipe
         self.family = family_of_pipeline(pipe)
         self.denoiser = self.family.denoiser(pipe)
+        check_not_released(pipe, self.family.denoiser_attr)
         self.family.check(self.denoiser)
         self.cut = self.family.resolve_cut(self.denoiser, cut_config)
         self.backend = get_backend(backend)

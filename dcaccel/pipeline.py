@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import DeepCacheConfig
-from .engines import open_runner, weights_fingerprint, fingerprints_equal
+from .engines import RELEASED, open_runner, weights_fingerprint, fingerprints_equal
 from .errors import EngineError
 from .families import family_of_pipeline, supported_pipelines
 from .graphs.spec import GRAPHS, dtype_name
@@ -190,7 +190,8 @@ def _with_original_denoiser(method):
         state = enabled_state(self)
         if state is None:
             return method(self, *args, **kwargs)
-        if state.released and method.__name__.startswith(_WRITES_WEIGHTS):
+        name = method.__name__
+        if state.released and name.startswith(_WRITES_WEIGHTS) and "textual_inversion" not in name:
             raise RuntimeError(f"{method.__name__}: the {state.family.denoiser_attr}'s weights were released by "
                                "dcaccel.enable(..., release_weights=True) (the engine holds the only copy), so they "
                                "cannot be read, changed or loaded into; save or change the pipeline before enabling "
@@ -241,6 +242,9 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
         raise ValueError(f"release_weights=True needs an engine that holds its own copy of the weights "
                          f"(backend {' or '.join(RELEASES_WEIGHTS)}); backend {backend!r} computes with the "
                          "denoiser's own weights")
+    if release_weights and config.schedule == "dynamic":
+        raise ValueError("release_weights=True cannot go with schedule='dynamic': its probe runs on the denoiser's "
+                         "own weights every step")
     config = config or DeepCacheConfig()
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
@@ -287,6 +291,7 @@ def release_denoiser_weights(model: torch.nn.Module, callable_modules: list, nam
                            "engine held the only copy); load the pipeline again to run it without DeepCache")
 
     for module in callable_modules:
+        setattr(module, RELEASED, True)
         module.register_forward_pre_hook(refuse)
     return freed
 

@@ -10,6 +10,7 @@ import torch
 
 import dcaccel
 from dcaccel import DeepCacheConfig
+from dcaccel.errors import EngineError
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,6 +143,12 @@ def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path
     dcaccel.disable(pipe)
     with pytest.raises(RuntimeError, match="weights were released by dcaccel.enable"):
         run_latents(pipe)  # the plain pipeline cannot run any more, and says why
+    for backend, options in (("eager", {}), ("onnxruntime", {"engine_dir": directory})):
+        with pytest.raises(EngineError, match="weights were released"):  # nothing is cut or built from them again
+            dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend=backend, **options)
+    with pytest.raises(EngineError, match="weights were released"):
+        build_engines(pipe, BuildConfig(height=32, width=32, backend="onnxruntime"), out_dir=tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_release_weights_is_refused_where_the_graphs_use_the_weights():
@@ -151,6 +158,11 @@ def test_release_weights_is_refused_where_the_graphs_use_the_weights():
             dcaccel.enable(pipe, DeepCacheConfig(), backend=backend, release_weights=True)
         assert not dcaccel.is_enabled(pipe)
     assert sum(p.numel() for p in pipe.unet.parameters()) > 0
+    sd3 = _fresh_pipe("tiny-sd3")  # the dynamic schedule's probe runs on the transformer's own weights
+    with pytest.raises(ValueError, match="cannot go with schedule='dynamic'"):
+        dcaccel.enable(sd3, DeepCacheConfig(schedule="dynamic", threshold=0.2), backend="onnxruntime", height=32,
+                       width=32, release_weights=True)
+    assert not dcaccel.is_enabled(sd3) and sum(p.numel() for p in sd3.transformer.parameters()) > 0
 
 
 @pytest.mark.slow  # an ONNX Runtime build of a ControlNet pipeline: about 40 s
@@ -166,6 +178,8 @@ def test_release_weights_on_a_controlnet_pipeline():
                    release_weights=True)
     assert sum(p.numel() for p in pipe.controlnet.parameters()) == 0
     torch.testing.assert_close(run(pipe), kept, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="ControlNet's weights were released"):  # called outside the step loop
+        pipe.controlnet(torch.zeros(2, 4, 4, 4), 1, torch.zeros(2, 77, 32), torch.zeros(2, 3, 32, 32))
     dcaccel.disable(pipe)
     with pytest.raises(RuntimeError, match="weights were released"):
         run(pipe)

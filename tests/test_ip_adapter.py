@@ -174,8 +174,8 @@ def test_image_encoder_path_and_other_projections(tmp_path):
     """ip_adapter_image through the pipeline's own CLIP image encoder; IP-Adapter Plus (a sequence of image states,
     its length from the image encoder's config), Full-face and FaceID projections."""
     from PIL import Image
-    from diffusers.models.embeddings import (IPAdapterFaceIDImageProjection, IPAdapterFullImageProjection,
-                                             IPAdapterPlusImageProjection)
+    from diffusers.models.embeddings import (IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection,
+                                             IPAdapterFullImageProjection, IPAdapterPlusImageProjection)
 
     from dcaccel.families import ip_adapter
 
@@ -207,6 +207,34 @@ def test_image_encoder_path_and_other_projections(tmp_path):
                                        msg=type(layer).__name__)
         finally:
             dcaccel.disable(pipe)
+
+    # FaceID Plus: the CLIP image states are set on its projection before each call (diffusers' example); they
+    # become a graph input, and its v2 shortcut a graph setting
+    layers[0] = face = IPAdapterFaceIDPlusImageProjection(embed_dims=32, output_dims=cross, hidden_dims=32,
+                                                          id_embeddings_dim=24, depth=1, dim_head=8, heads=2,
+                                                          num_tokens=4, num_queries=4, ffn_ratio=2, ffproj_ratio=2)
+    assert ip_adapter.embed_tail(face) == (24,) and ip_adapter.clip_tail(face, pipe.image_encoder) == (17, 32)
+    emb = [torch.randn(2, 1, 24)]
+    outputs = {}
+    for clip_seed, shortcut in [(1, False), (2, False), (2, True)]:
+        face.clip_embeds = torch.randn(2, 1, 17, 32, generator=torch.Generator().manual_seed(clip_seed))
+        face.shortcut, face.shortcut_scale = shortcut, 0.5
+        plain = run_latents(pipe, ip_adapter_image_embeds=emb)
+        dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+        try:
+            torch.testing.assert_close(run_latents(pipe, ip_adapter_image_embeds=emb), plain, rtol=0, atol=0)
+        finally:
+            dcaccel.disable(pipe)
+        outputs[clip_seed, shortcut] = plain
+    assert (outputs[1, False] - outputs[2, False]).abs().max() > 1e-4  # the CLIP states reach the image
+    assert (outputs[2, False] - outputs[2, True]).abs().max() > 1e-4   # and so does the shortcut
+    face.clip_embeds = None
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        with pytest.raises(ValueError, match="FaceID Plus and its projection has no clip_embeds"):
+            run_latents(pipe, ip_adapter_image_embeds=emb)
+    finally:
+        dcaccel.disable(pipe)
 
 
 def test_unsupported_projection_is_refused_with_the_supported_ones(tmp_path):
@@ -266,11 +294,22 @@ def test_controlnet_pipeline(tmp_path, arch, branch):
 
     from test_controlnet import _pipe, run
 
+    from dcaccel.families.controlnet import ControlledUNet, controlnets_of, split_controlled
+
     pipe = _pipe(arch)
     _load(pipe, tmp_path, adapters=2)
     emb = ip_embeds(pipe, adapters=2, images=2)
     kw = dict(ip_adapter_image_embeds=emb)
     plain = run(pipe, **kw)
+    assert (plain - run(pipe, ip_adapter_image_embeds=[e * 0 for e in emb])).abs().max() > 1e-3
+    # the graphs' settings (what torch_compile's refit compares) carry the adapters' scales
+    model = ControlledUNet(pipe.unet, controlnets_of(pipe.controlnet))
+    before = [g.graph_settings for g in split_controlled(model, branch)]
+    pipe.set_ip_adapter_scale([0.3, 0.8])
+    after = [g.graph_settings for g in split_controlled(model, branch)]
+    pipe.set_ip_adapter_scale([1.0, 1.0])
+    assert before[0]["ip_adapter"]["scales"] == [1.0, 1.0] and after[0]["ip_adapter"]["scales"] == [0.3, 0.8]
+    assert before == [before[0]] * 2 and after == [after[0]] * 2
     dcaccel.enable(pipe, DeepCacheConfig(interval=1))
     try:
         torch.testing.assert_close(run(pipe, **kw), plain, rtol=0, atol=0)
@@ -291,6 +330,7 @@ def test_controlnet_pipeline(tmp_path, arch, branch):
         dcaccel.disable(pipe)
     masked = dict(kw, cross_attention_kwargs={"ip_adapter_masks": _masks()})
     plain = run(pipe, **masked)
+    assert (plain - run(pipe, **kw)).abs().max() > 1e-3  # the masks matter here too
     dcaccel.enable(pipe, DeepCacheConfig(interval=1), ip_adapter_masks=True)
     try:
         torch.testing.assert_close(run(pipe, **masked), plain, rtol=0, atol=0)

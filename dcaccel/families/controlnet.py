@@ -162,6 +162,11 @@ def _control_residuals(graphs, batch: int, inputs: dict):
 class FullControlled(nn.Module):
     cache_names = ("feature",)
 
+    @property
+    def graph_settings(self) -> dict:
+        """The U-Net's (FreeU, IP-Adapter scales): what torch_compile's refit compares."""
+        return self.unet.graph_settings
+
     def __init__(self, model: ControlledUNet, branch: int):
         super().__init__()
         block, layer = divmod(branch, BRANCHES_PER_BLOCK)
@@ -178,6 +183,10 @@ class FullControlled(nn.Module):
 
 class ShallowControlled(nn.Module):
     cache_names = ("feature",)
+
+    @property
+    def graph_settings(self) -> dict:
+        return self.unet.graph_settings
 
     def __init__(self, model: ControlledUNet, branch: int, cut_controlnet: bool = True):
         super().__init__()
@@ -318,6 +327,10 @@ class ControlNetFamily(Family):
             if wrapper._detached or wrapper._owner_thread != threading.get_ident():
                 # not inside the enabled pipeline's call (a pipeline made from pipe.components, another thread):
                 # the ControlNet itself
+                if getattr(self, "_dcaccel_released", False):
+                    raise RuntimeError("this ControlNet's weights were released by dcaccel.enable(..., "
+                                       "release_weights=True) (an engine held the only copy); it runs only inside "
+                                       "the enabled pipeline's calls")
                 return original.forward(self, sample, timestep, encoder_hidden_states, controlnet_cond,
                                         conditioning_scale, guess_mode=guess_mode,
                                         added_cond_kwargs=added_cond_kwargs, return_dict=return_dict, **kwargs)

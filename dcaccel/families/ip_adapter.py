@@ -23,9 +23,11 @@ from ..graphs.spec import TensorSpec
 
 EMBEDS = "ip_image_embeds_{}"
 MASKS = "ip_adapter_mask_{}"
+CLIP = "ip_clip_embeds_{}"  # FaceID Plus: the CLIP image states users set on its projection (`clip_embeds`) per call
 # Image projections whose input is one embedding per image, and those that take a sequence (CLIP hidden states).
 POOLED = ("ImageProjection", "IPAdapterFaceIDImageProjection")
 SEQUENCE = ("IPAdapterPlusImageProjection", "IPAdapterFullImageProjection")
+FACEID_PLUS = "IPAdapterFaceIDPlusImageProjection"  # ID embeddings in; CLIP image states from its clip_embeds
 PROCESSORS = ("IPAdapterAttnProcessor", "IPAdapterAttnProcessor2_0")
 CLIP_TOKENS = 257  # CLIP ViT-H/14 and ViT-bigG/14 at 224 px: 16 x 16 patches and the class token
 
@@ -50,10 +52,9 @@ def problems(unet) -> list[str]:
     if getattr(unet, "text_encoder_hid_proj", None) is not None:
         out.append("a text projection under the IP-Adapter (text_encoder_hid_proj, Kolors' layout)")
     kinds = [type(layer).__name__ for layer in layers(unet)]
-    bad = [k for k in kinds if k not in POOLED + SEQUENCE]
+    bad = [k for k in kinds if k not in POOLED + SEQUENCE + (FACEID_PLUS,)]
     if bad:
-        out.append(f"IP-Adapter image projections {bad} (supported: {list(POOLED + SEQUENCE)}; FaceID Plus sets "
-                   "per-call tensors on its projection, clip_embeds, which no graph input carries)")
+        out.append(f"IP-Adapter image projections {bad} (supported: {list(POOLED + SEQUENCE + (FACEID_PLUS,))})")
     processors = [type(p).__name__ for p in unet.attn_processors.values() if hasattr(p, "to_k_ip")]
     bad = sorted({p for p in processors if p not in PROCESSORS})
     if bad:
@@ -73,7 +74,12 @@ def settings(unet) -> dict | None:
         if hasattr(proc, "to_k_ip"):
             scales[name.removesuffix(".processor")] = [s if isinstance(s, list) else float(s) for s in proc.scale]
     distinct = {repr(v) for v in scales.values()}
-    return {"adapters": kinds, "scales": next(iter(scales.values())) if len(distinct) == 1 else scales}
+    out = {"adapters": kinds, "scales": next(iter(scales.values())) if len(distinct) == 1 else scales}
+    shortcuts = {k: [bool(layer.shortcut), float(layer.shortcut_scale)] for k, layer in enumerate(layers(unet))
+                 if type(layer).__name__ == FACEID_PLUS}
+    if shortcuts:  # FaceID Plus v2's shortcut (set on the projection by users): it changes the computation
+        out["faceid_plus_shortcut"] = {str(k): v for k, v in shortcuts.items()}
+    return out
 
 
 def embed_tail(layer, image_encoder=None) -> tuple[int, ...]:
@@ -83,6 +89,8 @@ def embed_tail(layer, image_encoder=None) -> tuple[int, ...]:
         return (layer.image_embeds.in_features,)
     if kind == "IPAdapterFaceIDImageProjection":
         return (layer.ff.net[0].proj.in_features,)
+    if kind == FACEID_PLUS:  # the ID embedding; its CLIP states: clip_tail
+        return (layer.proj.net[0].proj.in_features,)
     tokens = CLIP_TOKENS
     vision = getattr(image_encoder, "config", None)
     if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
@@ -92,10 +100,28 @@ def embed_tail(layer, image_encoder=None) -> tuple[int, ...]:
     return (tokens, layer.ff.net[0].proj.in_features)  # IPAdapterFullImageProjection
 
 
+def clip_tail(layer, image_encoder=None) -> tuple[int, ...] | None:
+    """FaceID Plus: the shape of one image's CLIP states (what follows (batch, images) in clip_embeds); None for
+    other projections."""
+    if type(layer).__name__ != FACEID_PLUS:
+        return None
+    tokens = CLIP_TOKENS
+    vision = getattr(image_encoder, "config", None)
+    if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (tokens, layer.proj_in.in_features)
+
+
 def geometry(pipe, unet) -> dict:
-    """What the IP-Adapter inputs' shapes depend on besides the build: each adapter's embedding shape."""
-    tails = [list(embed_tail(layer, getattr(pipe, "image_encoder", None))) for layer in layers(unet)]
-    return {"ip_adapter_embeds": tails} if tails else {}
+    """What the IP-Adapter inputs' shapes depend on besides the build: each adapter's embedding shape (and FaceID
+    Plus adapters' CLIP states)."""
+    encoder = getattr(pipe, "image_encoder", None)
+    tails = [list(embed_tail(layer, encoder)) for layer in layers(unet)]
+    if not tails:
+        return {}
+    clips = {str(k): list(clip_tail(layer, encoder)) for k, layer in enumerate(layers(unet))
+             if clip_tail(layer) is not None}
+    return {"ip_adapter_embeds": tails, **({"ip_adapter_clip_embeds": clips} if clips else {})}
 
 
 def input_specs(geometry: dict, build, batch: int) -> list[TensorSpec]:
@@ -105,6 +131,8 @@ def input_specs(geometry: dict, build, batch: int) -> list[TensorSpec]:
     tails = geometry.get("ip_adapter_embeds", [])
     images = build.ip_adapter_images
     specs = [TensorSpec(EMBEDS.format(k), (batch, images, *tail), build.dtype) for k, tail in enumerate(tails)]
+    specs += [TensorSpec(CLIP.format(k), (batch, images, *tail), build.dtype)
+              for k, tail in sorted(geometry.get("ip_adapter_clip_embeds", {}).items(), key=lambda kv: int(kv[0]))]
     if build.ip_adapter_masks and tails:
         specs += [TensorSpec(MASKS.format(k), (1, images, build.height, build.width), build.dtype)
                   for k in range(len(tails))]
@@ -130,6 +158,13 @@ def call_inputs(unet, added_cond_kwargs: dict | None, cross_attention_kwargs: di
     if len(embeds) != n:
         raise ValueError(f"image_embeds has {len(embeds)} tensor(s); the U-Net has {n} IP-Adapter(s): one per adapter")
     inputs = {EMBEDS.format(k): e for k, e in enumerate(embeds)}
+    for k, layer in enumerate(layers(unet)):
+        if type(layer).__name__ == FACEID_PLUS:
+            if not isinstance(getattr(layer, "clip_embeds", None), torch.Tensor):
+                raise ValueError(f"IP-Adapter {k} is FaceID Plus and its projection has no clip_embeds: set "
+                                 f"pipe.unet.encoder_hid_proj.image_projection_layers[{k}].clip_embeds before the call, "
+                                 "as diffusers' FaceID Plus example does")
+            inputs[CLIP.format(k)] = layer.clip_embeds
     if masks is not None:
         if isinstance(masks, torch.Tensor):  # diffusers' older form: (adapters, 1, height, width)
             masks = list(masks.unsqueeze(1))
@@ -186,7 +221,19 @@ class ImageConditioning(nn.Module):
         if missing:
             raise ValueError(f"this U-Net has {self.n} IP-Adapter(s); the graph call lacks {missing}")
         embeds = [ip[EMBEDS.format(k)] for k in range(self.n)]
-        states = (encoder_hidden_states, self.proj(embeds))
+        clips = {k: ip[CLIP.format(k)] for k in range(self.n) if CLIP.format(k) in ip}
+        if clips:  # FaceID Plus reads its CLIP states from an attribute: the graph's input, for this call only
+            projections = self.proj.image_projection_layers
+            saved = {k: projections[k].clip_embeds for k in clips}
+            for k, value in clips.items():
+                projections[k].clip_embeds = value
+            try:
+                states = (encoder_hidden_states, self.proj(embeds))
+            finally:
+                for k, value in saved.items():
+                    projections[k].clip_embeds = value
+        else:
+            states = (encoder_hidden_states, self.proj(embeds))
         masks = [ip.get(MASKS.format(k)) for k in range(self.n)]
         if all(m is None for m in masks):
             return states, None
