@@ -438,3 +438,34 @@ def test_cli_refuses_bad_ip_adapter_arguments_before_loading(tmp_path, capsys):
     assert main(["build", "--model", "tiny", "--ip-adapter-masks", "--out", str(tmp_path / "e")]) == 2
     assert "give --ip-adapter" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow  # an ONNX Runtime build: about 30 s
+def test_faceid_plus_clip_states_are_an_engine_input(tmp_path):
+    """FaceID Plus's CLIP states (set on its projection per call) reach an ONNX Runtime engine as an input, not as a
+    constant baked at export: the engine equals eager, and new states change its output."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    pipe = _fresh()
+    _load(pipe, tmp_path)
+    torch.manual_seed(0)
+    face = IPAdapterFaceIDPlusImageProjection(embed_dims=32, output_dims=pipe.unet.config.cross_attention_dim,
+                                              hidden_dims=32, id_embeddings_dim=24, depth=1, dim_head=8, heads=2,
+                                              num_tokens=4, num_queries=4, ffn_ratio=2, ffproj_ratio=2)
+    pipe.unet.encoder_hid_proj.image_projection_layers[0] = face
+    emb = [torch.randn(2, 1, 24)]
+    states = [torch.randn(2, 1, 257, 32) for _ in range(2)]  # no image encoder: CLIP ViT-H's 257 tokens
+    eager = []
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3))
+    for s in states:
+        face.clip_embeds = s
+        eager.append(run_latents(pipe, ip_adapter_image_embeds=emb))
+    dcaccel.disable(pipe)
+    assert (eager[0] - eager[1]).abs().max() > 1e-3
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", height=32, width=32)
+    try:
+        for s, expected in zip(states, eager):
+            face.clip_embeds = s
+            torch.testing.assert_close(run_latents(pipe, ip_adapter_image_embeds=emb), expected, rtol=1e-4, atol=1e-4)
+    finally:
+        dcaccel.disable(pipe)
