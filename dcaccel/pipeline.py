@@ -242,12 +242,12 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
         raise ValueError(f"release_weights=True needs an engine that holds its own copy of the weights "
                          f"(backend {' or '.join(RELEASES_WEIGHTS)}); backend {backend!r} computes with the "
                          "denoiser's own weights")
-    if release_weights and config.schedule == "dynamic":
-        raise ValueError("release_weights=True cannot go with schedule='dynamic': its probe runs on the denoiser's "
-                         "own weights every step")
     config = config or DeepCacheConfig()
     if not isinstance(config, DeepCacheConfig):
         raise TypeError(f"config must be a dcaccel.DeepCacheConfig, got {type(config).__name__}")
+    if release_weights and config.schedule == "dynamic":
+        raise ValueError("release_weights=True cannot go with schedule='dynamic': its probe runs on the denoiser's "
+                         "own weights every step")
     family = family_of_pipeline(pipe)
     config = family.resolve_config(config)
     if enabled_state(pipe) is not None:

@@ -155,7 +155,7 @@ def test_release_weights_is_refused_where_the_graphs_use_the_weights():
     pipe = _fresh_pipe("tiny")
     for backend in ("eager", "torch_compile"):
         with pytest.raises(ValueError, match="release_weights=True needs an engine"):
-            dcaccel.enable(pipe, DeepCacheConfig(), backend=backend, release_weights=True)
+            dcaccel.enable(pipe, None, backend=backend, release_weights=True)
         assert not dcaccel.is_enabled(pipe)
     assert sum(p.numel() for p in pipe.unet.parameters()) > 0
     sd3 = _fresh_pipe("tiny-sd3")  # the dynamic schedule's probe runs on the transformer's own weights
