@@ -469,3 +469,33 @@ def test_faceid_plus_clip_states_are_an_engine_input(tmp_path):
             torch.testing.assert_close(run_latents(pipe, ip_adapter_image_embeds=emb), expected, rtol=1e-4, atol=1e-4)
     finally:
         dcaccel.disable(pipe)
+
+
+def test_controlnet_graphs_hand_faceid_plus_clip_states_to_the_unet(tmp_path):
+    """The ControlNet graphs pass every IP-Adapter input on to the U-Net, FaceID Plus's CLIP states included (an
+    export would otherwise bake the projection's attribute as a constant); a graph call without them is refused."""
+    from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
+
+    from dcaccel.families import ip_adapter
+    from test_controlnet import _pipe, run
+
+    pipe = _pipe("tiny")
+    _load(pipe, tmp_path)
+    torch.manual_seed(0)
+    face = IPAdapterFaceIDPlusImageProjection(embed_dims=32, output_dims=pipe.unet.config.cross_attention_dim,
+                                              hidden_dims=32, id_embeddings_dim=24, depth=1, dim_head=8, heads=2,
+                                              num_tokens=4, num_queries=4, ffn_ratio=2, ffproj_ratio=2)
+    pipe.unet.encoder_hid_proj.image_projection_layers[0] = face
+    emb = [torch.randn(2, 1, 24)]
+    face.clip_embeds = torch.randn(2, 1, 17, 32)
+    plain = run(pipe, ip_adapter_image_embeds=emb)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=1))
+    try:
+        torch.testing.assert_close(run(pipe, ip_adapter_image_embeds=emb), plain, rtol=0, atol=0)
+    finally:
+        dcaccel.disable(pipe)
+    cond = ip_adapter.ImageConditioning(pipe.unet)
+    with pytest.raises(ValueError, match=r"lacks \['ip_clip_embeds_0'\]"):
+        cond(torch.zeros(2, 7, 32), {"ip_image_embeds_0": emb[0]})
+    inputs = {"ip_image_embeds_0": 1, "ip_clip_embeds_0": 2, "ip_adapter_mask_0": 3, "control_cond_0": 4}
+    assert ip_adapter.ip_inputs(inputs) == {"ip_image_embeds_0": 1, "ip_clip_embeds_0": 2, "ip_adapter_mask_0": 3}

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..config import BuildConfig, DeepCacheConfig
 from ..graphs.spec import GraphSpec, TensorSpec
+from . import ip_adapter
 from . import unet as unet_family
 from .base import Family, normalized_config, timestep_input
 from .unet import BRANCHES_PER_BLOCK, FullUNet, ShallowUNet, _DownPath, check_unet
@@ -178,7 +179,7 @@ class FullControlled(nn.Module):
         inputs = {"timestep": timestep, **control}
         down, mid = _control_residuals(self.controlnets, sample.shape[0], inputs)
         return self.unet(sample, timestep, encoder_hidden_states, text_embeds, time_ids, down_residuals=down,
-                         mid_residual=mid, timestep_cond=timestep_cond, **_ip_inputs(control))
+                         mid_residual=mid, timestep_cond=timestep_cond, **ip_adapter.ip_inputs(control))
 
 
 class ShallowControlled(nn.Module):
@@ -207,12 +208,7 @@ class ShallowControlled(nn.Module):
         n = self.unet.num_residuals
         return self.unet(sample, timestep, encoder_hidden_states if self.unet_reads_text else None, feature,
                          text_embeds, time_ids, down_residuals=down[:n], timestep_cond=timestep_cond,
-                         **_ip_inputs(control))
-
-
-def _ip_inputs(inputs: dict) -> dict:
-    """The U-Net's IP-Adapter inputs among a graph's keyword inputs (the others are the ControlNets')."""
-    return {k: v for k, v in inputs.items() if k.startswith(("ip_image_embeds_", "ip_adapter_mask_"))}
+                         **ip_adapter.ip_inputs(control))
 
 
 def split_controlled(model: ControlledUNet, branch: int = 0, cut_controlnet: bool = True):

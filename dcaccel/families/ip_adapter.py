@@ -24,6 +24,12 @@ from ..graphs.spec import TensorSpec
 EMBEDS = "ip_image_embeds_{}"
 MASKS = "ip_adapter_mask_{}"
 CLIP = "ip_clip_embeds_{}"  # FaceID Plus: the CLIP image states users set on its projection (`clip_embeds`) per call
+EMBEDS_PREFIX, MASKS_PREFIX, CLIP_PREFIX = (name.removesuffix("{}") for name in (EMBEDS, MASKS, CLIP))
+
+
+def ip_inputs(inputs: dict) -> dict:
+    """The IP-Adapter inputs among a graph's keyword inputs."""
+    return {k: v for k, v in inputs.items() if k.startswith((EMBEDS_PREFIX, MASKS_PREFIX, CLIP_PREFIX))}
 # Image projections whose input is one embedding per image, and those that take a sequence (CLIP hidden states).
 POOLED = ("ImageProjection", "IPAdapterFaceIDImageProjection")
 SEQUENCE = ("IPAdapterPlusImageProjection", "IPAdapterFullImageProjection")
@@ -183,9 +189,9 @@ def check_against(specs, inputs: dict, what: str) -> None:
     """Refuse a call whose IP-Adapter inputs are not those the graphs take (masks given to graphs made without
     mask inputs or the other way round, another number of adapters)."""
     names = {t.name for t in specs["full"].call_inputs}
-    check_masks(specs, any(n.startswith("ip_adapter_mask_") for n in inputs), what)
-    embeds_taken = sum(n.startswith("ip_image_embeds_") for n in names)
-    embeds_given = sum(n.startswith("ip_image_embeds_") for n in inputs)
+    check_masks(specs, any(n.startswith(MASKS_PREFIX) for n in inputs), what)
+    embeds_taken = sum(n.startswith(EMBEDS_PREFIX) for n in names)
+    embeds_given = sum(n.startswith(EMBEDS_PREFIX) for n in inputs)
     if embeds_taken != embeds_given:
         raise ValueError(f"{what} take {embeds_taken} IP-Adapter image embedding(s), this call has {embeds_given}: "
                          "IP-Adapters were loaded or unloaded after dcaccel.enable; dcaccel.disable(pipe) and enable "
@@ -193,7 +199,7 @@ def check_against(specs, inputs: dict, what: str) -> None:
 
 
 def check_masks(specs, masks_given: bool, what: str) -> None:
-    masks_taken = any(t.name.startswith("ip_adapter_mask_") for t in specs["full"].call_inputs)
+    masks_taken = any(t.name.startswith(MASKS_PREFIX) for t in specs["full"].call_inputs)
     if masks_given and not masks_taken:
         raise ValueError(f"ip_adapter_masks were given, and {what} were made without mask inputs: "
                          "dcaccel.enable(pipe, ..., ip_adapter_masks=True) (or build with --ip-adapter-masks)")
@@ -210,6 +216,7 @@ class ImageConditioning(nn.Module):
         super().__init__()
         self.n = len(layers(unet))
         self.proj = unet.encoder_hid_proj if self.n else None
+        self.clip_ids = [k for k, layer in enumerate(layers(unet)) if type(layer).__name__ == FACEID_PLUS]
 
     def forward(self, encoder_hidden_states, ip: dict):
         """Returns (encoder_hidden_states for the attention modules, cross_attention_kwargs or None)."""
@@ -217,11 +224,12 @@ class ImageConditioning(nn.Module):
             if ip:
                 raise ValueError(f"this U-Net has no IP-Adapter; unexpected graph inputs {sorted(ip)}")
             return encoder_hidden_states, None
-        missing = [EMBEDS.format(k) for k in range(self.n) if EMBEDS.format(k) not in ip]
-        if missing:
+        missing = [name for name in [EMBEDS.format(k) for k in range(self.n)] + [CLIP.format(k) for k in self.clip_ids]
+                   if name not in ip]
+        if missing:  # (a FaceID Plus projection would otherwise read, and an export bake, its attribute)
             raise ValueError(f"this U-Net has {self.n} IP-Adapter(s); the graph call lacks {missing}")
         embeds = [ip[EMBEDS.format(k)] for k in range(self.n)]
-        clips = {k: ip[CLIP.format(k)] for k in range(self.n) if CLIP.format(k) in ip}
+        clips = {k: ip[CLIP.format(k)] for k in self.clip_ids}
         if clips:  # FaceID Plus reads its CLIP states from an attribute: the graph's input, for this call only
             projections = self.proj.image_projection_layers
             saved = {k: projections[k].clip_embeds for k in clips}
