@@ -13,13 +13,14 @@ from dcaccel.errors import EngineError
 from conftest import ip_embeds, run_latents, write_image_encoder, write_ip_adapter
 
 
-def _fresh(arch="tiny", task="text2img"):
-    """A pipeline of its own (loading adapters changes the U-Net, so the shared ones are not used)."""
+def _fresh(arch="tiny", task="text2img", controlnets=0):
+    """A pipeline of its own (loading adapters changes the U-Net, so the shared, cached ones of conftest and
+    test_controlnet are not used)."""
     import diffusers
 
     from dcaccel.models import build_pipeline
 
-    pipe = build_pipeline(arch, task, seed=0)
+    pipe = build_pipeline(arch, task, seed=0, **({"controlnets": controlnets} if controlnets else {}))
     pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 
@@ -292,11 +293,11 @@ def test_controlnet_pipeline(tmp_path, arch, branch):
     the reference helper with caching, and masks."""
     from DeepCache import DeepCacheSDHelper
 
-    from test_controlnet import _pipe, run
+    from test_controlnet import run
 
     from dcaccel.families.controlnet import ControlledUNet, controlnets_of, split_controlled
 
-    pipe = _pipe(arch)
+    pipe = _fresh(arch, controlnets=1)
     _load(pipe, tmp_path, adapters=2)
     emb = ip_embeds(pipe, adapters=2, images=2)
     kw = dict(ip_adapter_image_embeds=emb)
@@ -477,9 +478,9 @@ def test_controlnet_graphs_hand_faceid_plus_clip_states_to_the_unet(tmp_path):
     from diffusers.models.embeddings import IPAdapterFaceIDPlusImageProjection
 
     from dcaccel.families import ip_adapter
-    from test_controlnet import _pipe, run
+    from test_controlnet import run
 
-    pipe = _pipe("tiny")
+    pipe = _fresh("tiny", controlnets=1)
     _load(pipe, tmp_path)
     torch.manual_seed(0)
     face = IPAdapterFaceIDPlusImageProjection(embed_dims=32, output_dims=pipe.unet.config.cross_attention_dim,
