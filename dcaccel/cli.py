@@ -490,7 +490,7 @@ def generate(args) -> int:
 
     from . import pipeline as dc
     from .families import family_of_pipeline
-    from .models import default_resolution, load_ip_adapters, parse_ip_adapter_argument
+    from .models import default_resolution, load_ip_adapters, path_and_scale
     from .runtime import DenoiserTimer
 
     check_generate_arguments(args)
@@ -516,7 +516,7 @@ def generate(args) -> int:
         load_ip_adapters(pipe, args.ip_adapter)
         if getattr(pipe, "image_encoder", None) is None:
             raise ValueError("--ip-adapter-image needs the adapter's image encoder: an image_encoder/ directory (a "
-                             f"CLIPVisionModelWithProjection) beside {parse_ip_adapter_argument(args.ip_adapter[0])[0]}")
+                             f"CLIPVisionModelWithProjection) beside {path_and_scale(args.ip_adapter[0])[0]}")
     if args.scheduler:
         if denoiser_name != "unet":
             raise ValueError(f"--scheduler {args.scheduler} is for U-Net models; SD 3.x samples with its own "

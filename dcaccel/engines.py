@@ -41,6 +41,8 @@ from .backends import get_backend
 from .config import BuildConfig, DeepCacheConfig
 from .errors import EngineError
 from .families import family_of_pipeline
+from .families.base import RELEASED
+from .families.controlnet import controlnets_of
 from .graphs import verify
 from .graphs.spec import GRAPHS, GraphSpec, dtype_name, specs_from_dict, specs_to_dict
 
@@ -403,22 +405,15 @@ def scratch_dir() -> Path:
 # -- building ---------------------------------------------------------------------------------------------------------
 
 
-RELEASED = "_dcaccel_released"  # set on models whose weights enable(release_weights=True) freed
-
-
 def check_not_released(pipe, attr: str) -> None:
     """Refuse a pipeline whose denoiser (or ControlNet) weights were released: graphs cut, built or run from it
     would compute with empty tensors."""
-    models = [getattr(pipe, attr, None), *controlnet_models(pipe)]
+    controlnet = getattr(pipe, "controlnet", None)
+    models = [getattr(pipe, attr, None), *(controlnets_of(controlnet) if controlnet is not None else [])]
     if any(getattr(m, RELEASED, False) for m in models if m is not None):
         raise EngineError(f"this pipeline's {attr} weights were released by dcaccel.enable(..., release_weights=True) "
                           "(an engine held the only copy): nothing can be built or run from them; load the pipeline "
                           "again")
-
-
-def controlnet_models(pipe) -> list:
-    cn = getattr(pipe, "controlnet", None)
-    return [] if cn is None else list(cn.nets) if hasattr(cn, "nets") else [cn]
 
 
 class _Request:

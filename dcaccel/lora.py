@@ -89,14 +89,9 @@ def embedded_lora(name: str) -> Path:
 def parse_lora_argument(text: str) -> LoraSpec:
     """'path[:scale]' (a command-line argument) -> LoraSpec; a suffix that is not a number belongs to the path.
     An embedded LoRA's name (shapes-lcm) stands for its file unless a file or directory of that name exists."""
-    path, sep, scale = text.rpartition(":")
-    if sep:
-        try:
-            scale = float(scale)
-        except ValueError:
-            path, scale = text, 1.0
-    else:
-        path, scale = text, 1.0
+    from .models import path_and_scale
+
+    path, scale = path_and_scale(text)
     if path in EMBEDDED and not os.path.exists(path):  # a file of that name here comes first
         return LoraSpec(embedded_lora(path), scale)  # named by its file, as when the path is given
     return LoraSpec(path, scale)

@@ -209,9 +209,9 @@ def default_resolution(arch_or_pipe) -> int:
     return denoiser.config.sample_size * pipe.vae_scale_factor
 
 
-def parse_ip_adapter_argument(text: str) -> tuple[str, float]:
-    """'FILE[:SCALE]' (a command-line argument) -> (file, scale); a suffix that is not a number belongs to the
-    file name."""
+def path_and_scale(text: str) -> tuple[str, float]:
+    """'FILE[:SCALE]' (a command-line argument, as --lora and --ip-adapter take them) -> (file, scale; 1.0 when
+    none is given); a suffix that is not a number belongs to the file name."""
     path, sep, scale = text.rpartition(":")
     if sep:
         try:
@@ -229,7 +229,7 @@ def load_ip_adapters(pipe, arguments: list[str]) -> list[tuple[str, float]]:
     ip_adapter_image_embeds. Checks every file before loading any."""
     import math
 
-    specs = [parse_ip_adapter_argument(text) for text in arguments]
+    specs = [path_and_scale(text) for text in arguments]
     if not specs:
         return []
     if not hasattr(pipe, "load_ip_adapter") or getattr(pipe, "unet", None) is None:

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import DeepCacheConfig
-from .engines import RELEASED, open_runner, weights_fingerprint, fingerprints_equal
+from .engines import open_runner, weights_fingerprint, fingerprints_equal
 from .errors import EngineError
 from .families import family_of_pipeline, supported_pipelines
+from .families.base import RELEASED
 from .graphs.spec import GRAPHS, dtype_name
 from .runtime import DeepCacheDenoiser
 

@@ -11,6 +11,10 @@ from ..config import BuildConfig, DeepCacheConfig
 from ..graphs.spec import GraphSpec
 
 
+# Set by dcaccel.enable(..., release_weights=True) on the models whose weights it freed (the denoiser, ControlNets).
+RELEASED = "_dcaccel_released"
+
+
 class Family:
     name: str                    # recorded in manifests
     denoiser_attr: str           # the pipeline attribute the step loop stands in for ("unet", "transformer")

@@ -31,7 +31,7 @@ from ..config import BuildConfig, DeepCacheConfig
 from ..graphs.spec import GraphSpec, TensorSpec
 from . import ip_adapter
 from . import unet as unet_family
-from .base import Family, normalized_config, timestep_input
+from .base import RELEASED, Family, normalized_config, timestep_input
 from .unet import BRANCHES_PER_BLOCK, FullUNet, ShallowUNet, _DownPath, check_unet
 
 PIPELINES = (
@@ -323,7 +323,7 @@ class ControlNetFamily(Family):
             if wrapper._detached or wrapper._owner_thread != threading.get_ident():
                 # not inside the enabled pipeline's call (a pipeline made from pipe.components, another thread):
                 # the ControlNet itself
-                if getattr(self, "_dcaccel_released", False):
+                if getattr(self, RELEASED, False):
                     raise RuntimeError("this ControlNet's weights were released by dcaccel.enable(..., "
                                        "release_weights=True) (an engine held the only copy); it runs only inside "
                                        "the enabled pipeline's calls")

@@ -97,13 +97,17 @@ def embed_tail(layer, image_encoder=None) -> tuple[int, ...]:
         return (layer.ff.net[0].proj.in_features,)
     if kind == FACEID_PLUS:  # the ID embedding; its CLIP states: clip_tail
         return (layer.proj.net[0].proj.in_features,)
-    tokens = CLIP_TOKENS
+    if kind == "IPAdapterPlusImageProjection":
+        return (clip_tokens(image_encoder), layer.proj_in.in_features)
+    return (clip_tokens(image_encoder), layer.ff.net[0].proj.in_features)  # IPAdapterFullImageProjection
+
+
+def clip_tokens(image_encoder=None) -> int:
+    """Tokens of the image encoder's hidden states (patches and the class token); CLIP ViT-H's without one."""
     vision = getattr(image_encoder, "config", None)
     if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    if kind == "IPAdapterPlusImageProjection":
-        return (tokens, layer.proj_in.in_features)
-    return (tokens, layer.ff.net[0].proj.in_features)  # IPAdapterFullImageProjection
+        return (vision.image_size // vision.patch_size) ** 2 + 1
+    return CLIP_TOKENS
 
 
 def clip_tail(layer, image_encoder=None) -> tuple[int, ...] | None:
@@ -111,11 +115,7 @@ def clip_tail(layer, image_encoder=None) -> tuple[int, ...] | None:
     other projections."""
     if type(layer).__name__ != FACEID_PLUS:
         return None
-    tokens = CLIP_TOKENS
-    vision = getattr(image_encoder, "config", None)
-    if vision is not None and getattr(vision, "image_size", None) and getattr(vision, "patch_size", None):
-        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    return (tokens, layer.proj_in.in_features)
+    return (clip_tokens(image_encoder), layer.proj_in.in_features)
 
 
 def geometry(pipe, unet) -> dict:
@@ -126,7 +126,7 @@ def geometry(pipe, unet) -> dict:
     if not tails:
         return {}
     clips = {str(k): list(clip_tail(layer, encoder)) for k, layer in enumerate(layers(unet))
-             if clip_tail(layer) is not None}
+             if type(layer).__name__ == FACEID_PLUS}
     return {"ip_adapter_embeds": tails, **({"ip_adapter_clip_embeds": clips} if clips else {})}
 
 
