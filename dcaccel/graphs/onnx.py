@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..errors import require
@@ -22,6 +23,15 @@ logger = logging.getLogger(__name__)
 EXPORTERS = ("torchscript", "dynamo")
 # Above this the protobuf limit (2 GiB) is near: weights go to one external data file beside the graph.
 EXTERNAL_DATA_BYTES = 1 << 30
+INLINE_BYTES = 1024  # in an external-data export, initializers smaller than this stay in the graph file
+ALIGN = 4096
+CHUNK = 64 << 20
+
+
+def uses_external_data(init) -> bool:
+    from onnx.external_data_helper import uses_external_data as uses
+
+    return uses(init)
 
 
 def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: str = "torchscript",
@@ -46,19 +56,107 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
                 torch.onnx.export(module, args, str(raw), input_names=spec.input_names,
                                   output_names=spec.output_names, opset_version=max(opset, 18), dynamo=True,
                                   external_data=True, optimize=True)
-        model = onnx.load(str(raw), load_external_data=True)
+        from onnx.external_data_helper import load_external_data_for_model
+
+        # Without the weights: they are streamed from the exporter's files into ours, one tensor at a time, so
+        # that no second copy of the model exists in memory (the exporter's own copy is gone by now).
+        model = onnx.load(str(raw), load_external_data=False)
         _keep_unused_inputs(model, spec)
-        size = sum(init.ByteSize() for init in model.graph.initializer)
+        size = sum(_nbytes(init) for init in model.graph.initializer)
         if size > EXTERNAL_DATA_BYTES:
             data = path.name + ".data"
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data, size_threshold=1024)
+            _stream_external_data(model, raw.parent, path.parent / data, data)
             files = [path.name, data]
         else:
-            onnx.save_model(model, str(path))
+            if any(uses_external_data(init) for init in model.graph.initializer):
+                load_external_data_for_model(model, str(raw.parent))
             files = [path.name]
+        onnx.save_model(model, str(path))
     logger.info("exported %s graph to %s (%.1f MB of weights)", spec.name, path, size / 1e6)
     return files
+
+
+def _nbytes(init) -> int:
+    """Bytes of an initializer's data, inline or external."""
+    from onnx import helper
+
+    if uses_external_data(init):
+        return int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return init.ByteSize()
+
+
+def _external_location(init, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external initializer's data."""
+    from onnx import helper
+
+    info = {e.key: e.value for e in init.external_data}
+    length = int(np.prod(init.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return base / info["location"], int(info.get("offset", 0)), int(info.get("length", length))
+
+
+def _stream_external_data(model, source_dir: Path, data_path: Path, location: str) -> None:
+    """Move every initializer of `model` over INLINE_BYTES into one file, `data_path` (which `model` then names as
+    `location`): external ones copied from their files under source_dir in chunks, inline ones from the proto.
+    Offsets are page-aligned (ONNX Runtime can then map the file instead of reading it)."""
+    import onnx
+    from onnx import numpy_helper
+    with open(data_path, "wb") as out:
+        for init in model.graph.initializer:
+            if uses_external_data(init):
+                src, offset, length = _external_location(init, source_dir)
+                start = out.seek(-(-out.tell() // ALIGN) * ALIGN)
+                with open(src, "rb") as f:
+                    f.seek(offset)
+                    left = length
+                    while left:
+                        chunk = f.read(min(left, CHUNK))
+                        if not chunk:
+                            raise OSError(f"{src} ends {left} bytes before initializer {init.name}'s data")
+                        out.write(chunk)
+                        left -= len(chunk)
+                del init.external_data[:]
+            elif init.ByteSize() >= INLINE_BYTES:
+                raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+                start = out.seek(-(-out.tell() // ALIGN) * ALIGN)
+                out.write(raw)
+                length = len(raw)
+                for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                    init.ClearField(name)
+            else:
+                continue
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(start)), ("length", str(length))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
+
+
+def initializer_digests(path: Path, digest) -> list[tuple[str, np.dtype, tuple, str]]:
+    """(name, numpy dtype, shape, digest(bytes)) of every initializer of the ONNX file at `path`, reading one
+    tensor at a time (external data in chunks): `digest` is a hashlib constructor; the digest is that of the
+    tensor's contiguous little-endian bytes."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    out = []
+    for init in model.graph.initializer:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+        h = digest()
+        if uses_external_data(init):
+            src, offset, length = _external_location(init, Path(path).parent)
+            with open(src, "rb") as f:
+                f.seek(offset)
+                left = length
+                while left:
+                    chunk = f.read(min(left, CHUNK))
+                    if not chunk:
+                        raise OSError(f"{src} ends before initializer {init.name}'s data")
+                    h.update(chunk)
+                    left -= len(chunk)
+        else:
+            h.update(np.ascontiguousarray(numpy_helper.to_array(init)).view(np.uint8).reshape(-1).data)
+        out.append((init.name, dtype, tuple(init.dims), h.hexdigest()))
+    return out
 
 
 def _keep_unused_inputs(model, spec: GraphSpec) -> None:

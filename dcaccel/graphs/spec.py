@@ -132,14 +132,15 @@ def call_graph(graph: torch.nn.Module, spec: GraphSpec, inputs: dict[str, torch.
 
 class PositionalGraph(torch.nn.Module):
     """A graph whose forward takes the spec's inputs positionally and returns its outputs as a flat tuple (what
-    exporters and engines want)."""
+    exporters and engines want). The wrapped graph is `split`: an attribute named `graph` would clash with the
+    FX graph of torch.export's GraphModule, and the dynamo exporter would fail."""
 
     def __init__(self, graph: torch.nn.Module, spec: GraphSpec):
         super().__init__()
-        self.graph = graph
+        self.split = graph
         self.spec = spec
 
     def forward(self, *tensors):
-        out = call_graph(self.graph, self.spec, dict(zip(self.spec.input_names, tensors)))
+        out = call_graph(self.split, self.spec, dict(zip(self.spec.input_names, tensors)))
         values = tuple(out[name] for name in self.spec.output_names)
         return values if len(values) > 1 else values[0]

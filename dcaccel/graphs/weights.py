@@ -55,64 +55,74 @@ def weight_map(onnx_path: Path, graph: torch.nn.Module, spec=None, exporter: str
     changed (and put back exactly afterwards): those whose bytes stay the same depend on no parameter. That
     second export is made only when there are such initializers, and only with `spec` given.
     """
-    onnx = require("onnx", "onnxruntime", "onnx")
-    from onnx import numpy_helper
+    require("onnx", "onnxruntime", "onnx")
+    from .onnx import initializer_digests
 
+    # Initializers are read one at a time and only their digests kept: no copy of the weights is made here.
     params = {name: p.detach().to("cpu") for name, p in graph_parameters(graph).items()}
-    model = onnx.load(str(onnx_path), load_external_data=True)
-    inits = [(i.name, numpy_helper.to_array(i)) for i in model.graph.initializer]
+    inits = initializer_digests(onnx_path, hashlib.sha1)
     table: dict[tuple[str, str], list] = {}
-    for dtype in {a.dtype for _, a in inits if a.dtype.kind == "f"}:
+    for dtype in {dtype for _, dtype, _, _ in inits if dtype.kind == "f"}:
         torch_dtype = _numpy_dtype(dtype.name)
         for name, t in params.items():
             a = t.to(torch_dtype).numpy()
             table.setdefault((dtype.str, _digest(a)), []).append([name, "reshape"])
             if a.ndim == 2:
                 table.setdefault((dtype.str, _digest(a.T)), []).append([name, "transpose"])
+            del a
     mapped, used, unmatched = {}, set(), []
-    for name, a in inits:
-        candidates = table.get((a.dtype.str, _digest(a)), []) if a.dtype.kind == "f" else []
+    for name, dtype, shape, digest in inits:
+        candidates = table.get((dtype.str, digest), []) if dtype.kind == "f" else []
         if candidates:
-            mapped[name] = {"shape": list(a.shape), "dtype": a.dtype.name, "params": candidates}
+            mapped[name] = {"shape": list(shape), "dtype": dtype.name, "params": candidates}
             used.update(c[0] for c in candidates)
-        elif a.dtype.kind == "f" and a.size > 1:
+        elif dtype.kind == "f" and int(np.prod(shape, dtype=np.int64)) > 1:
             unmatched.append(name)
     unmapped = {n: _digest(t.numpy()) for n, t in params.items() if n not in used}
     constants = []
     if unmatched and spec is not None:
-        constants = _independent_of_parameters(graph, spec, dict(inits), unmatched, exporter, opset, onnx_path)
+        first = {name: (shape, digest) for name, _, shape, digest in inits if name in unmatched}
+        constants = _independent_of_parameters(graph, spec, first, exporter, opset, onnx_path)
         unmatched = [n for n in unmatched if n not in constants]
     return {"format": WEIGHT_MAP_FORMAT, "initializers": mapped, "unmapped_params": unmapped,
             "constants": constants, "unmatched": unmatched}
 
 
-def _independent_of_parameters(graph, spec, inits: dict, names: list[str], exporter: str, opset: int,
-                               onnx_path: Path) -> list[str]:
-    """Those of `names` whose values are the same in an export of `graph` with every parameter changed."""
+# A mantissa bit per float width: XOR with it changes every value and, done twice, restores it exactly.
+_FLIP = {torch.float64: (torch.int64, 1 << 51), torch.float32: (torch.int32, 1 << 22),
+         torch.float16: (torch.int16, 1 << 9), torch.bfloat16: (torch.int16, 1 << 6)}
+
+
+def _flip_parameters(params) -> None:
+    with torch.no_grad():
+        for p in params:
+            int_dtype, bit = _FLIP[p.dtype]
+            p.view(int_dtype).bitwise_xor_(bit)
+
+
+def _independent_of_parameters(graph, spec, first: dict, exporter: str, opset: int, onnx_path: Path) -> list[str]:
+    """Those initializers of `first` ({name: (shape, digest)}) whose values are the same in an export of `graph`
+    with every parameter changed. The change is made in place and undone exactly (a bit flipped twice), so that no
+    copy of the weights is needed."""
     import tempfile
 
-    from onnx import numpy_helper
+    from .onnx import export_onnx, initializer_digests
 
-    from .onnx import export_onnx
-
-    onnx = require("onnx", "onnxruntime", "onnx")
-    params = list(graph_parameters(graph).values())
-    saved = [p.detach().clone() for p in params]
+    unique = {}
+    for p in graph_parameters(graph).values():
+        if p.dtype in _FLIP:
+            unique.setdefault((p.data_ptr(), p.dtype, p.shape), p)  # tied parameters flipped once
+    params = list(unique.values())
+    _flip_parameters(params)
     try:
-        with torch.no_grad():
-            for p in params:
-                p.mul_(1.5).add_(0.25)
         with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as tmp:
             path = Path(tmp) / "perturbed.onnx"
             export_onnx(graph, spec, path, exporter=exporter, opset=opset)
-            again = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer
-                     if i.name in names}
+            again = {name: (shape, digest) for name, _, shape, digest in initializer_digests(path, hashlib.sha1)
+                     if name in first}
     finally:
-        with torch.no_grad():
-            for p, value in zip(params, saved):
-                p.copy_(value)
-    return [n for n in names if n in again and again[n].shape == inits[n].shape and
-            _digest(again[n]) == _digest(inits[n])]
+        _flip_parameters(params)
+    return [n for n in first if n in again and again[n] == first[n]]
 
 
 def read_weight_map(path: Path, what: str) -> dict:
