@@ -183,3 +183,54 @@ def test_release_weights_on_a_controlnet_pipeline():
     dcaccel.disable(pipe)
     with pytest.raises(RuntimeError, match="weights were released"):
         run(pipe)
+
+
+def test_bf16_graphs_export_to_onnx_for_tensorrt(tmp_path):
+    """TensorRT's bf16 engines are built from a bf16 ONNX export (no GPU here to build them): the export must be
+    a valid model typed bfloat16 in its weights, outputs and inputs (timesteps stay fp32), and compute what
+    eager bf16 computes: ONNX's reference evaluator (the only bf16 runtime here: ONNX Runtime's CPU kernels take
+    no bf16 MatMul) rounds every op to bf16, so its distance to fp32 may be a few times eager bf16's, and it must
+    stay under the backend's bf16 tolerance."""
+    import copy
+
+    import numpy as np
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    from dcaccel.backends import tensorrt
+    from dcaccel.config import BuildConfig
+    from dcaccel.families.mmdit import graph_specs, split_transformer
+    from dcaccel.graphs.onnx import export_onnx
+    from dcaccel.graphs.spec import call_graph
+
+    transformer = _pipe("tiny-sd3").transformer
+    graphs = dict(zip(("full", "shallow"), split_transformer(transformer, 1, 1)))
+    graphs32 = dict(zip(("full", "shallow"), split_transformer(copy.deepcopy(transformer).float(), 1, 1)))
+    specs = graph_specs(transformer, 1, 1, BuildConfig(height=32, width=32, dtype="bfloat16"), 8, 16)
+    bf16 = onnx.TensorProto.BFLOAT16
+    for name in ("full", "shallow"):
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(graphs[name], specs[name], path)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+        assert types.pop("timestep") == onnx.TensorProto.FLOAT  # the spec keeps timesteps in fp32
+        assert types and set(types.values()) == {bf16}, types
+        weights = [i for i in model.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, bf16)]
+        assert weights and all(i.data_type == bf16 for i in weights)
+
+        inputs = specs[name].sample_inputs(seed=3)
+        with torch.no_grad():
+            eager = call_graph(graphs[name], specs[name], inputs)
+            fp32 = call_graph(graphs32[name], specs[name],
+                              {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
+        feeds = {k: v.float().numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(bf16)) if v.is_floating_point()
+                 else v.numpy() for k, v in inputs.items() if k in {i.name for i in model.graph.input}}
+        got = ReferenceEvaluator(model).run(None, feeds)
+        assert len(got) == len(specs[name].output_names)
+        for out_name, value in zip(specs[name].output_names, got):
+            value = torch.from_numpy(np.asarray(value).astype(np.float32))
+            want = fp32[out_name]
+            err, eager_err = ((x - want).norm() / want.norm() for x in (value, eager[out_name].float()))
+            assert err < 3 * eager_err + 1e-3 and err < tensorrt.TOLERANCE["bfloat16"][1], \
+                f"{name}/{out_name}: relative L2 to fp32 {err:.3g}, eager bf16's {eager_err:.3g}"

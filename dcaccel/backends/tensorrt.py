@@ -6,7 +6,9 @@ Written against the TensorRT 10 Python API documentation and NVIDIA's demo/Diffu
 on the machines this project is developed on: they have no GPU and TensorRT does not install there. Only the
 error paths (no CUDA, no tensorrt) and the weight map behind `refit` are tested on CPU; the rest is covered by
 GPU tests that skip elsewhere. TensorRT 11 (which torch-tensorrt 2.13 in the `gpu` extra pulls in) removed
-BuilderFlag.FP16: there fp16 engines come only from a float16 graph (build dtype="float16").
+BuilderFlag.FP16 and BF16: there fp16 and bf16 engines come only from a graph of that dtype (build
+dtype="float16" or "bfloat16"; TensorRT 10 gets the flag as well). The bf16 ONNX export they are built from is
+tested on CPU (tests/test_dtypes.py); the engines are not.
 
 Refit uses the build's weight map (graphs.weights, the same one the onnxruntime backend refits with): TensorRT's
 ONNX parser names each weight after its initializer, so every mapped initializer gets its parameters' current
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 NAME = "tensorrt"
 VERSIONS = ("tensorrt",)  # a plan runs only on the TensorRT version (and GPU) that built it
 # A build whose engine differs more from eager logs a warning (TensorRT allows TF32 in float32 engines by default).
-TOLERANCE = {"float32": (1e-2, 1e-2), "float16": (5e-2, 5e-2)}
+TOLERANCE = {"float32": (1e-2, 1e-2), "float16": (5e-2, 5e-2), "bfloat16": (1e-1, 1e-1)}
 STRICT = False
 FILES_REQUIRED = True
 TIMING_CACHE = "timing.cache"  # beside the key directories: every build of a model reuses it
@@ -67,7 +69,10 @@ def check_available(options: Options, dtype: str) -> None:
     trt = _require_trt()
     require("onnx", NAME, "onnx")  # plans are built from the ONNX export
     if dtype not in TOLERANCE:
-        raise ValueError(f"tensorrt builds take dtype float32 or float16, got {dtype!r}")
+        raise ValueError(f"tensorrt builds take dtype {', '.join(TOLERANCE)}, got {dtype!r}")
+    if dtype == "bfloat16" and not hasattr(trt.DataType, "BF16"):
+        raise ValueError(f"TensorRT {trt.__version__} has no bfloat16 (DataType.BF16 came in TensorRT 9): build "
+                         "with dtype='float16'")
     if options.fp16 and dtype == "float32" and not hasattr(trt.BuilderFlag, "FP16"):
         raise ValueError(f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (strong typing only): build with "
                          "dtype='float16' for fp16 kernels")
@@ -79,8 +84,11 @@ def _trt_logger(trt):
 
 
 def _torch_dtypes(trt) -> dict:
-    return {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
-            trt.DataType.INT64: torch.int64}
+    out = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+           trt.DataType.INT64: torch.int64}
+    if hasattr(trt.DataType, "BF16"):
+        out[trt.DataType.BF16] = torch.bfloat16
+    return out
 
 
 def build(graphs, specs, directory: Path, options: Options):
@@ -88,6 +96,7 @@ def build(graphs, specs, directory: Path, options: Options):
     trt = _require_trt()
     directory = Path(directory)
     fp16 = options.fp16 or specs["full"].inputs[0].dtype == "float16"
+    bf16 = specs["full"].inputs[0].dtype == "bfloat16"
     workspace = int(options.workspace_gb * (1 << 30))
     out = {}
     for name in GRAPHS:
@@ -95,7 +104,7 @@ def build(graphs, specs, directory: Path, options: Options):
                             opset=options.opset)
         plan = f"{name}.plan"
         _build_plan(trt, directory / files[0], directory / plan, specs[name], fp16, options.refittable, workspace,
-                    directory.parent / TIMING_CACHE)
+                    directory.parent / TIMING_CACHE, bf16=bf16)
         out[name] = {"files": {"plan": plan, "onnx": files[0], **({"onnx_data": files[1]} if len(files) > 1 else {})},
                      "exporter": options.exporter}
         if options.refittable:
@@ -116,7 +125,7 @@ def load(graphs, specs, options: Options, directory=None, graph_files=None) -> "
                      weight_maps=paths("weights") if options.refittable else None, onnx_paths=paths("onnx"))
 
 
-def _build_plan(trt, onnx_path, plan_path, spec, fp16, refittable, workspace, cache_path):
+def _build_plan(trt, onnx_path, plan_path, spec, fp16, refittable, workspace, cache_path, bf16=False):
     builder = trt.Builder(_trt_logger(trt))
     network = builder.create_network(0)  # explicit batch is the only mode since TensorRT 10
     parser = trt.OnnxParser(network, _trt_logger(trt))
@@ -136,11 +145,14 @@ def _build_plan(trt, onnx_path, plan_path, spec, fp16, refittable, workspace, ca
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     if fp16 and hasattr(trt.BuilderFlag, "FP16"):
         config.set_flag(trt.BuilderFlag.FP16)
+    if bf16 and hasattr(trt.BuilderFlag, "BF16"):  # TensorRT 10; 11 types the network from the bf16 graph itself
+        config.set_flag(trt.BuilderFlag.BF16)
     if refittable:
         config.set_flag(trt.BuilderFlag.REFIT)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    logger.info("building TensorRT plan %s (fp16=%s, refittable=%s)", plan_path.name, fp16, refittable)
+    logger.info("building TensorRT plan %s (fp16=%s, bf16=%s, refittable=%s)", plan_path.name, fp16, bf16,
+                refittable)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT could not build {plan_path.name} from {onnx_path} (see its log above)")
