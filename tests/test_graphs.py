@@ -103,6 +103,7 @@ def test_external_data_export_streams_the_weights_and_keeps_the_graph(tiny_pipe,
     page-aligned data, the same weight map (constants found by a second export with the parameters flipped in
     place), the parameters exactly as they were afterwards, and an ONNX Runtime session giving the same outputs."""
     import hashlib
+    import shutil
 
     import numpy as np
     import onnx
@@ -139,9 +140,22 @@ def test_external_data_export_streams_the_weights_and_keeps_the_graph(tiny_pipe,
     for n, p in graph_parameters(graph).items():  # flipped and flipped back, bit for bit
         assert torch.equal(p.detach(), before[n]), n
 
+    # The TorchScript exporter, past 2 GB, writes every tensor to its own file, Constant nodes' values included:
+    # the same layout made from the inline export, then finished as an export is.
+    raw_dir, last = tmp_path / "raw", tmp_path / "last" / "full.onnx"
+    raw_dir.mkdir(), last.parent.mkdir()
+    onnx.save_model(onnx.load(str(inline)), str(raw_dir / "graph.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=0, convert_attribute=True)
+    raw_proto = onnx.load(str(raw_dir / "graph.onnx"), load_external_data=False)
+    assert any(graph_onnx.uses_external_data(t) for t in graph_onnx._attribute_tensors(raw_proto.graph))
+    assert graph_onnx.finish_export(raw_dir / "graph.onnx", last, spec)[0] == ["full.onnx", "full.onnx.data"]
+    assert not any(graph_onnx.uses_external_data(t)
+                   for t in graph_onnx._attribute_tensors(onnx.load(str(last), load_external_data=False).graph))
+
     inputs = {k: v.numpy() for k, v in spec.sample_inputs().items()}
     names = [o.name for o in ort.InferenceSession(str(inline)).get_outputs()]
     got_a = ort.InferenceSession(str(inline)).run(names, inputs)
-    got_b = ort.InferenceSession(str(external)).run(names, inputs)
-    for x, y in zip(got_a, got_b):
-        np.testing.assert_array_equal(x, y)
+    shutil.rmtree(raw_dir)  # nothing may still point into the exporter's files
+    for other in (external, last):
+        for x, y in zip(got_a, ort.InferenceSession(str(other)).run(names, inputs)):
+            np.testing.assert_array_equal(x, y)

@@ -38,7 +38,7 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
                 opset: int = 17) -> list[str]:
     """Write `graph` to `path` (plus `path.data` for large models). Returns the files written, relative to
     path's directory."""
-    onnx = require("onnx", "onnxruntime", "onnx")
+    require("onnx", "onnxruntime", "onnx")
     if exporter not in EXPORTERS:
         raise ValueError(f"unknown exporter {exporter!r}; choose from {list(EXPORTERS)}")
     path = Path(path)
@@ -56,24 +56,54 @@ def export_onnx(graph: torch.nn.Module, spec: GraphSpec, path: Path, exporter: s
                 torch.onnx.export(module, args, str(raw), input_names=spec.input_names,
                                   output_names=spec.output_names, opset_version=max(opset, 18), dynamo=True,
                                   external_data=True, optimize=True)
-        from onnx.external_data_helper import load_external_data_for_model
-
-        # Without the weights: they are streamed from the exporter's files into ours, one tensor at a time, so
-        # that no second copy of the model exists in memory (the exporter's own copy is gone by now).
-        model = onnx.load(str(raw), load_external_data=False)
-        _keep_unused_inputs(model, spec)
-        size = sum(_nbytes(init) for init in model.graph.initializer)
-        if size > EXTERNAL_DATA_BYTES:
-            data = path.name + ".data"
-            _stream_external_data(model, raw.parent, path.parent / data, data)
-            files = [path.name, data]
-        else:
-            if any(uses_external_data(init) for init in model.graph.initializer):
-                load_external_data_for_model(model, str(raw.parent))
-            files = [path.name]
-        onnx.save_model(model, str(path))
+        files, size = finish_export(raw, path, spec)
     logger.info("exported %s graph to %s (%.1f MB of weights)", spec.name, path, size / 1e6)
     return files
+
+
+def finish_export(raw: Path, path: Path, spec: GraphSpec) -> tuple[list[str], int]:
+    """Turn an exporter's file `raw` (with its external data files beside it, if any) into ours at `path`:
+    inputs as the spec declares them; weights over EXTERNAL_DATA_BYTES in all go to one page-aligned file
+    `path.data`, streamed from the exporter's files a tensor at a time, so that no copy of the model is ever
+    held in memory; tensors in node attributes (Constant values) are put back into the graph file. Returns
+    (files written, relative to path's directory; bytes of weights)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    model = onnx.load(str(raw), load_external_data=False)
+    _keep_unused_inputs(model, spec)
+    for tensor in _attribute_tensors(model.graph):  # constants of nodes, small: inline, as exporters write them
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(raw.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+    size = sum(_nbytes(init) for init in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        _stream_external_data(model, raw.parent, path.parent / data, data)
+        files = [path.name, data]
+    else:
+        for init in model.graph.initializer:
+            if uses_external_data(init):
+                load_external_data_for_tensor(init, str(raw.parent))
+                init.data_location = onnx.TensorProto.DEFAULT
+                del init.external_data[:]
+        files = [path.name]
+    onnx.save_model(model, str(path))
+    return files, size
+
+
+def _attribute_tensors(graph):
+    """Every tensor held in a node attribute of `graph` and its subgraphs (Constant values, say)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _attribute_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _attribute_tensors(g)
 
 
 def _nbytes(init) -> int:
