@@ -523,10 +523,12 @@ def build_engines(pipe, build: BuildConfig, out_dir: str | Path = "engines", mod
 def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engine_dir: str | Path | None = None,
                 height: int | None = None, width: int | None = None, batch_size: int = 1, cfg: bool = True,
                 dtype: str | None = None, guess_mode: bool = False, ip_adapter_images: int = 1,
-                ip_adapter_masks: bool = False, verify_files: bool = True, **options):
+                ip_adapter_masks: bool = False, verify_files: bool = True, before_load=None, **options):
     """A runner of `pipe`'s denoiser, cut as `cut_config` says, on `backend`: from a built `engine_dir` (checked
     as described above), or built now for height/width/batch_size/cfg (torch_compile compiles in memory,
-    onnxruntime and tensorrt build into a scratch directory removed with the runner). Returns (runner, info)."""
+    onnxruntime and tensorrt build into a scratch directory removed with the runner). Returns (runner, info).
+    `before_load` (engines with files): called once the engine is checked against the pipeline, just before its
+    files are loaded (enable's release_weights frees the denoiser's weights there)."""
     req = _Request(pipe, cut_config, backend)
     shape_args = {"height": height, "width": width}
     ip_args = {"ip_adapter_images": ip_adapter_images, "ip_adapter_masks": ip_adapter_masks}
@@ -536,7 +538,9 @@ def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engin
         given = {k: v for k, v in shape_args.items() if v is not None}
         if given or dtype is not None:
             raise ValueError(f"{sorted(given) + (['dtype'] if dtype else [])} are fixed by the engine in {engine_dir}")
-        return _open_dir(req, Path(engine_dir), options, verify_files=verify_files)
+        return _open_dir(req, Path(engine_dir), options, verify_files=verify_files, before_load=before_load)
+    if before_load is not None and not req.backend.FILES_REQUIRED:
+        raise ValueError(f"backend {backend!r} loads no engine files: nothing runs before a load")
     if req.backend.NAME == "eager":
         if any(v is not None for v in shape_args.values()) or dtype is not None:
             raise ValueError("backend 'eager' runs any shape: it takes no height, width or dtype")
@@ -562,7 +566,7 @@ def open_runner(pipe, cut_config: DeepCacheConfig, backend: str = "eager", engin
         directory, _ = build_engines(pipe, build, out_dir=scratch, model_name="in-memory", _weights_hash=whash)
         runner, info = _open_dir(req, directory, {k: v for k, v in options.items()
                                                   if k not in req.backend.Options.build_fields()},
-                                 verify_files=False, _weights_hash=whash)
+                                 verify_files=False, _weights_hash=whash, before_load=before_load)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -579,7 +583,7 @@ def _nominal_build(req: _Request, **ip_args) -> BuildConfig:
 
 
 def _open_dir(req: _Request, directory: Path, options: dict, verify_files: bool = True,
-              _weights_hash: str | None = None):
+              _weights_hash: str | None = None, before_load=None):
     manifest = Manifest.read(directory)
     build_fields = req.backend.Options.build_fields()
     recorded = manifest.build.get("options", {})
@@ -601,7 +605,10 @@ def _open_dir(req: _Request, directory: Path, options: dict, verify_files: bool 
     expected = req.fields(build, specs, parsed, whash, fused_loras(req.pipe))
     manifest.check_compatible(expected)
     hash_seconds = manifest.verify_files(hash_files=verify_files)
-    runner = req.backend.load(req.graphs(), specs, parsed, directory, manifest.graph_files())
+    graphs = req.graphs()
+    if before_load is not None:
+        before_load()
+    runner = req.backend.load(graphs, specs, parsed, directory, manifest.graph_files())
     runner.loras = [dict(r) for r in manifest.data["loras"]]
     logger.info("opened %s engine %s (files verified in %.2f s)", req.backend.NAME, directory, hash_seconds)
     return runner, {"engine_dir": directory, "specs": specs, "cut": req.cut, "manifest": manifest,

@@ -232,8 +232,10 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     Options go to the engine layer and the backend: engine_dir=... (a build), or height=, width= (batch_size=,
     cfg=, dtype=) to build for those shapes now, and the backend's own options (see its Options class).
 
-    release_weights=True (onnxruntime, tensorrt): once the engine is loaded, free the denoiser's own weights, which
-    the engine holds a copy of, so host memory holds the model once. The price: the weights cannot change while
+    release_weights=True (onnxruntime, tensorrt): free the denoiser's own weights, which the engine holds a copy
+    of, so host memory holds the model once: freed once the engine is built (if built now) and checked against the
+    pipeline, just before its files are loaded, so that the two copies never coexist at load. Should the load
+    then fail, the error says the weights are gone. The price: the weights cannot change while
     enabled (LoRA loaders are refused), and after disable() the denoiser cannot run (a clear error says so): load
     the pipeline again to use it without DeepCache.
     """
@@ -260,15 +262,27 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     if getattr(denoiser, "_hf_hook", None) is not None or getattr(pipe, "_all_hooks", None):
         raise ValueError(f"this pipeline has accelerate's offload hooks ({_OFFLOAD}): {_OFFLOAD_WHY}. Call "
                          "pipe.remove_all_hooks() and pipe.to(device) before dcaccel.enable")
-    runner, info = open_runner(pipe, config, backend, **options)
+    freed = []
+
+    def release():  # once the engine is checked against the pipeline, before its files load: one copy at a time
+        model = family.denoiser(pipe)
+        freed.append(release_denoiser_weights(model, [denoiser, *getattr(model, "controlnets", [])],
+                                              family.denoiser_attr))
+
+    try:
+        runner, info = open_runner(pipe, config, backend, before_load=release if release_weights else None,
+                                   **options)
+    except Exception as e:
+        if freed:
+            raise EngineError(f"{e} (the {family.denoiser_attr}'s weights were already released by "
+                              "release_weights=True, just before the engine's files were loaded: load the pipeline "
+                              "again)") from e
+        raise
     attach(pipe, config, backend, runner, info)
     if release_weights:
-        state = enabled_state(pipe)
-        freed = release_denoiser_weights(state.model, [state.denoiser, *getattr(state.model, "controlnets", [])],
-                                         state.family.denoiser_attr)
-        state.released = True
-        logger.info("released %.2f GB of %s weights (the %s engine holds them)", freed / 1e9,
-                    state.family.denoiser_attr, backend)
+        enabled_state(pipe).released = True
+        logger.info("released %.2f GB of %s weights before loading the %s engine (it holds them)", freed[0] / 1e9,
+                    family.denoiser_attr, backend)
     return pipe
 
 

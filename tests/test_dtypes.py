@@ -151,6 +151,45 @@ def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path
     assert not (tmp_path / "again").exists()
 
 
+def test_release_weights_frees_them_before_the_engine_loads(tmp_path, monkeypatch):
+    """The two copies never coexist at load: the weights go once the engine is checked against the pipeline and
+    before the backend opens its files; an engine that fails to load after that says the weights are gone, and
+    the pipeline refuses to be enabled again."""
+    pytest.importorskip("onnxruntime")
+    from dcaccel.backends import onnxruntime as ort_backend
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+
+    pipe = _fresh_pipe("tiny")
+    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, backend="onnxruntime"), out_dir=tmp_path,
+                                 model_name="tiny")
+    load, seen = ort_backend.load, []
+
+    def spy(*args, **kwargs):
+        seen.append(sum(p.numel() for p in pipe.unet.parameters()))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(ort_backend, "load", spy)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory)
+    dcaccel.disable(pipe)
+    dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory,
+                   release_weights=True)
+    dcaccel.disable(pipe)
+    assert seen[0] > 0 and seen[1] == 0, seen  # kept while loading without release; gone before loading with it
+
+    def fails(*args, **kwargs):  # what a file ONNX Runtime rejects (after the manifest's checks) looks like
+        raise EngineError("ONNX Runtime cannot load shallow.onnx (InvalidProtobuf)")
+
+    monkeypatch.setattr(ort_backend, "load", fails)
+    other = _fresh_pipe("tiny")
+    with pytest.raises(EngineError, match=r"cannot load .* weights were already released by release_weights=True"):
+        dcaccel.enable(other, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory,
+                       release_weights=True)
+    assert not dcaccel.is_enabled(other)
+    with pytest.raises(EngineError, match="weights were released"):
+        dcaccel.enable(other, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory)
+
+
 def test_release_weights_is_refused_where_the_graphs_use_the_weights():
     pipe = _fresh_pipe("tiny")
     for backend in ("eager", "torch_compile"):

@@ -130,6 +130,7 @@ def _stream_external_data(model, source_dir: Path, data_path: Path, location: st
     Offsets are page-aligned (ONNX Runtime can then map the file instead of reading it)."""
     import onnx
     from onnx import numpy_helper
+
     with open(data_path, "wb") as out:
         for init in model.graph.initializer:
             if uses_external_data(init):
