@@ -10,13 +10,14 @@ For each architecture, cut and dtype, counted on a meta-device copy (no weights,
   `engine.device_memory_size`, which only a build reports.
 - buffers: dcaccel's bound inputs, outputs and cached features of both graphs.
 - GPU at serving: both engines, the activation scratch once (the graphs run one at a time), the buffers, and the
-  pipeline's other components (SD 3.5's official text encoders and VAE, counted from their configurations).
-- host RAM while exporting: the pipeline plus what the export and the weight map add, at the ratio measured on
-  this machine for ONNX Runtime builds (the same export code; see README); the TensorRT parser then reads the
-  graph's weights into host memory again (1x) and the builder returns the plan in host memory (about 1x): an
-  estimate from the documented API, not measured.
+  pipeline's other components (SD 3.5's official text encoders and VAE, counted from their configurations), with
+  the transformer's own weights released (enable(..., release_weights=True); without it, add them).
+- host RAM beyond the pipeline: the export steps (export, weight map, constants check) at the ratio measured on
+  this machine for SD 3.5 Medium (the same export code; see README), then TensorRT's build of the full graph: its
+  ONNX parser reads the graph's weights into host memory (1x) and the builder returns the plan in host memory
+  (about 1x): 2x, an estimate from the documented API, not measured.
 
-    python benchmarks/trt_memory.py --out benchmarks/results/2026-12-07-trt-memory
+    python benchmarks/trt_memory.py --export-ratio 0.39 --out benchmarks/results/2026-12-08-trt-memory
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def other_components(itemsize: int, vae_config: dict) -> dict[str, int]:
     return out
 
 
-def estimate(arch: str, cut: dict, dtype: str, size: int, host_ratio: float) -> dict:
+def estimate(arch: str, cut: dict, dtype: str, size: int, export_ratio: float) -> dict:
     import diffusers
 
     cfg = architecture_config(arch)
@@ -135,7 +136,7 @@ def estimate(arch: str, cut: dict, dtype: str, size: int, host_ratio: float) -> 
         "engine_full": engines["full"], "engine_shallow": engines["shallow"], "activations": activations,
         "buffers": buffers, "other_components": others, "gpu_serving": serving,
         "gpu_serving_without_t5": serving - others["text_encoder_3 (T5-XXL encoder)"],
-        "host_export_beyond_pipeline": host_ratio * engines["full"],
+        "host_export_beyond_pipeline": export_ratio * engines["full"],
         "host_trt_build_beyond_pipeline": 2 * engines["full"],
     }
 
@@ -146,9 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"], choices=sorted(BYTES))
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--cuts", nargs="+", default=["0:1", "1:1"], help="head:tail pairs")
-    p.add_argument("--host-ratio", type=float, required=True,
-                   help="peak host memory an export adds beyond the pipeline, in units of the exported graph's "
-                        "weights, as measured here for ONNX Runtime builds")
+    p.add_argument("--export-ratio", type=float, required=True,
+                   help="peak host memory the export steps add beyond the pipeline (before any engine is opened), "
+                        "in units of the exported graph's weights, as measured here")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     rows = []
@@ -159,12 +160,14 @@ def main(argv=None) -> int:
                 if dtype == "bfloat16" and "float16" in args.dtypes:
                     continue  # same byte counts as float16: one row stands for both
                 rows.append(estimate(arch, {"head_blocks": head, "tail_blocks": tail}, dtype, args.size,
-                                     args.host_ratio))
+                                     args.export_ratio))
     g = lambda b: f"{b / GIB:.1f}"  # noqa: E731
     lines = [f"# TensorRT memory estimates for SD 3.5 ({datetime.date.today()}, counted on meta-device copies; "
              "nothing built or run)", "",
              f"{args.size}x{args.size}, batch 2 (guidance), 333-token context; fp16 and bf16 have the same sizes. "
-             f"Host export ratio {args.host_ratio} (measured here, ONNX Runtime builds).", "",
+             f"Export steps' host memory: {args.export_ratio}x the full graph's weights (measured here on SD 3.5 "
+             "Medium); the TensorRT build's 2x is estimated from the API, not measured. GPU serving assumes "
+             "release_weights=True.", "",
              "| model | cut | denoiser weights GiB | engines full + shallow GiB | activations (full graph) GiB | "
              "GPU serving GiB (with T5 / without) | host RAM beyond the pipeline: export / TensorRT build GiB |",
              "|---|---|---|---|---|---|---|"]
