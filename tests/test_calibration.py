@@ -297,6 +297,7 @@ def _cli(*args, cwd):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-08: the default run was 11.9 min)
 def test_cli_calibrate_generate_build_round_trip(tmp_path, capsys):
     """The workflow in separate processes (calibrate, generate, build, generate on the engine); the refusals in
     this one (they are checked before anything is built)."""

@@ -204,6 +204,7 @@ def test_sdxl_base_and_refiner_with_deepcache_on_both(tiny_pipe):
     assert (cached - plain).abs().max() > 1e-4
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-08: the default run was 11.9 min)
 def test_refiner_engine_has_the_text_length_of_tokenizer_2(tmp_path):
     pytest.importorskip("onnxruntime")
     refiner = _ddim(_refiner())
@@ -266,6 +267,7 @@ def test_guidance_distilled_unet(cls_name):
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # kept out of the default run for its time (2026-12-08: the default run was 11.9 min)
 def test_guidance_distilled_unet_on_onnxruntime():
     pytest.importorskip("onnxruntime")
     pipe = _lcm_pipeline()

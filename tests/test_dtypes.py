@@ -117,16 +117,25 @@ def _fresh_pipe(arch, controlnets=0):
     return pipe
 
 
-def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_ort_engine(tmp_path_factory):
+    """An ONNX Runtime engine of the tiny U-Net (every _fresh_pipe("tiny") has the same weights)."""
     pytest.importorskip("onnxruntime")
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+
+    directory, _ = build_engines(_fresh_pipe("tiny"), BuildConfig(height=32, width=32, backend="onnxruntime"),
+                                 out_dir=tmp_path_factory.mktemp("engines"), model_name="tiny")
+    return directory
+
+
+def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path, tiny_ort_engine):
     from conftest import run_latents
 
     from dcaccel.config import BuildConfig
     from dcaccel.engines import build_engines
 
-    pipe = _fresh_pipe("tiny")
-    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, backend="onnxruntime"), out_dir=tmp_path,
-                                 model_name="tiny")
+    pipe, directory = _fresh_pipe("tiny"), tiny_ort_engine
     dcaccel.enable(pipe, DeepCacheConfig(interval=3), backend="onnxruntime", engine_dir=directory)
     kept = run_latents(pipe)
     dcaccel.disable(pipe)
@@ -151,18 +160,13 @@ def test_release_weights_frees_the_denoiser_and_keeps_the_engine_output(tmp_path
     assert not (tmp_path / "again").exists()
 
 
-def test_release_weights_frees_them_before_the_engine_loads(tmp_path, monkeypatch):
+def test_release_weights_frees_them_before_the_engine_loads(tiny_ort_engine, monkeypatch):
     """The two copies never coexist at load: the weights go once the engine is checked against the pipeline and
     before the backend opens its files; an engine that fails to load after that says the weights are gone, and
     the pipeline refuses to be enabled again."""
-    pytest.importorskip("onnxruntime")
     from dcaccel.backends import onnxruntime as ort_backend
-    from dcaccel.config import BuildConfig
-    from dcaccel.engines import build_engines
 
-    pipe = _fresh_pipe("tiny")
-    directory, _ = build_engines(pipe, BuildConfig(height=32, width=32, backend="onnxruntime"), out_dir=tmp_path,
-                                 model_name="tiny")
+    pipe, directory = _fresh_pipe("tiny"), tiny_ort_engine
     load, seen = ort_backend.load, []
 
     def spy(*args, **kwargs):
