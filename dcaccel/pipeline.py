@@ -262,23 +262,29 @@ def enable(pipe, config: DeepCacheConfig | None = None, backend: str = "eager", 
     if getattr(denoiser, "_hf_hook", None) is not None or getattr(pipe, "_all_hooks", None):
         raise ValueError(f"this pipeline has accelerate's offload hooks ({_OFFLOAD}): {_OFFLOAD_WHY}. Call "
                          "pipe.remove_all_hooks() and pipe.to(device) before dcaccel.enable")
-    freed = []
+    freed, checks = [], {}
 
     def release():  # once the engine is checked against the pipeline, before its files load: one copy at a time
         model = family.denoiser(pipe)
+        # what attach checks against the weights (a calibration's weights hash) is checked while they exist
+        checks["calibration"] = calibration_check(pipe, family, model, family.resolve_cut(model, config), config)
         freed.append(release_denoiser_weights(model, [denoiser, *getattr(model, "controlnets", [])],
                                               family.denoiser_attr))
 
+    runner = None
     try:
         runner, info = open_runner(pipe, config, backend, before_load=release if release_weights else None,
                                    **options)
+        attach(pipe, config, backend, runner, info,
+               **({"_calibration_check": checks["calibration"]} if freed else {}))
     except Exception as e:
+        if runner is not None and enabled_state(pipe) is None and hasattr(runner, "close"):
+            runner.close()
         if freed:
             raise EngineError(f"{e} (the {family.denoiser_attr}'s weights were already released by "
                               "release_weights=True, just before the engine's files were loaded: load the pipeline "
                               "again)") from e
         raise
-    attach(pipe, config, backend, runner, info)
     if release_weights:
         enabled_state(pipe).released = True
         logger.info("released %.2f GB of %s weights before loading the %s engine (it holds them)", freed[0] / 1e9,
@@ -321,7 +327,10 @@ def _refuse_offload(self, *args, **kwargs):
                      f"({_OFFLOAD_WHY}). Keep the pipeline on its device, or dcaccel.disable(pipe) first")
 
 
-def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
+_UNSET = object()
+
+
+def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict, _calibration_check=_UNSET):
     """Put a runner made by engines.open_runner for this pipeline into it (what enable does after opening it).
     A runner kept from an earlier attach may be attached again (the benchmark does, to interleave backends
     without rebuilding them); the weights check at each call still guards it."""
@@ -337,7 +346,9 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
                          f"{family.cut_text(family.resolve_cut(model, config))}")
     sync = torch.cuda.synchronize if denoiser.device.type == "cuda" else None
     wrapper = DeepCacheDenoiser(model, family, runner, config, lambda: _num_evaluations(pipe), sync=sync,
-                                original=denoiser, check_call=_calibration_check(pipe, family, model, cut, config),
+                                original=denoiser,
+                                check_call=(calibration_check(pipe, family, model, cut, config)
+                                            if _calibration_check is _UNSET else _calibration_check),
                                 probe=family.probe(model, cut) if config.schedule == "dynamic" else None)
     bakes = backend != "eager" and not (backend == "torch_compile" and not getattr(runner, "freezing", True))
     state = EnabledState(family=family, denoiser=denoiser, model=model, wrapper=wrapper, runner=runner,
@@ -354,7 +365,7 @@ def attach(pipe, config: DeepCacheConfig, backend: str, runner, info: dict):
     return pipe
 
 
-def _calibration_check(pipe, family, model, cut: dict, config: DeepCacheConfig):
+def calibration_check(pipe, family, model, cut: dict, config: DeepCacheConfig):
     """A calibrated schedule: refuse a calibration made for another model, cut or scheduler now (naming every
     field), and return the check of each call's evaluations and guidance (None for other schedules)."""
     if config.schedule != "calibrated":

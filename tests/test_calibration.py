@@ -426,3 +426,29 @@ def test_image_objective_and_bad_objective(tiny_pipe):
     assert cal.budgets() == [2, 3]
     with pytest.raises(ValueError, match="unknown objective 'pixels'"):
         dcaccel.calibrate(pipe, ["a"], objective="pixels")
+
+
+def test_calibrated_schedule_with_released_weights(sd3_cal, tmp_path):
+    """The calibration's weights check runs while the weights exist: release_weights=True (which frees them before
+    the engine's files load) enables a calibrated schedule and gives the latents of the same engine without it."""
+    pytest.importorskip("onnxruntime")
+    from dcaccel.config import BuildConfig
+    from dcaccel.engines import build_engines
+    from dcaccel.models import build_pipeline
+
+    _, cal = sd3_cal
+    config = dcaccel.DeepCacheConfig(schedule="calibrated", calibration=cal, num_full_steps=cal.budgets()[0],
+                                     head_blocks=1, tail_blocks=0)
+    kept, released = build_pipeline("tiny-sd3"), build_pipeline("tiny-sd3")  # the calibrated weights, twice
+    directory, _ = build_engines(kept, BuildConfig(height=32, width=32, batch_size=2, head_blocks=1, tail_blocks=0),
+                                 out_dir=tmp_path, model_name="tiny-sd3")
+    outs = []
+    for pipe, release in ((kept, False), (released, True)):
+        dcaccel.enable(pipe, config, backend="onnxruntime", engine_dir=directory, release_weights=release)
+        try:
+            outs.append(_latents(pipe))
+            assert dcaccel.last_stats(pipe).full_steps == cal.budget(cal.budgets()[0])["full_steps"]
+        finally:
+            dcaccel.disable(pipe)
+    assert sum(p.numel() for p in released.transformer.parameters()) == 0
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)

@@ -159,3 +159,46 @@ def test_external_data_export_streams_the_weights_and_keeps_the_graph(tiny_pipe,
     for other in (external, last):
         for x, y in zip(got_a, ort.InferenceSession(str(other)).run(names, inputs)):
             np.testing.assert_array_equal(x, y)
+
+
+def test_constants_check_changes_zero_parameters_too(tmp_path):
+    """An initializer folded from a zero-initialized parameter (adaLN-Zero, a zero convolution) must not pass for
+    a constant: flipping a mantissa bit of zeros gives subnormals that `gate + 1` absorbs, so such parameters are
+    changed by value (and put back from a copy). A buffer-only fold stays a constant; every parameter is restored
+    bit for bit."""
+    from dcaccel.graphs.onnx import export_onnx
+    from dcaccel.graphs.spec import GraphSpec, TensorSpec
+    from dcaccel.graphs.weights import weight_map
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.zeros(8, 8))
+            self.w = torch.nn.Parameter(torch.randn(8, 8))
+            self.register_buffer("pos", torch.arange(64.0).reshape(8, 8))
+
+        def forward(self, x):
+            noise = x @ (self.gate + 1.0) + x @ (self.pos * 2) + x @ self.w
+            return noise, noise
+
+    graph = Toy().eval()
+    before = {n: p.detach().clone() for n, p in graph.named_parameters()}
+    spec = GraphSpec("full", (TensorSpec("x", (2, 8), "float32"),), (TensorSpec("noise", (2, 8), "float32"),))
+    path = tmp_path / "toy.onnx"
+    export_onnx(graph, spec, path)
+    wmap = weight_map(path, graph, spec)
+    assert len(wmap["constants"]) == 1, wmap  # pos * 2
+    assert len(wmap["unmatched"]) == 1, wmap  # gate + 1: depends on gate, so no refit may keep it
+    for n, p in graph.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+
+
+def test_tensorrt_refuses_refittable_bf16_on_any_machine():
+    from dcaccel.backends import tensorrt
+
+    tensorrt.check_settings(tensorrt.Options(refittable=True), "float16")
+    tensorrt.check_settings(tensorrt.Options(), "bfloat16")
+    with pytest.raises(ValueError, match="refittable=True takes dtype float32 or float16"):
+        tensorrt.check_settings(tensorrt.Options(refittable=True), "bfloat16")
+    with pytest.raises(ValueError, match="tensorrt builds take dtype float32, float16, bfloat16, got 'int8'"):
+        tensorrt.check_settings(tensorrt.Options(), "int8")

@@ -65,11 +65,20 @@ def _require_trt():
     return require("tensorrt", NAME, "gpu")
 
 
-def check_available(options: Options, dtype: str) -> None:
-    trt = _require_trt()
-    require("onnx", NAME, "onnx")  # plans are built from the ONNX export
+def check_settings(options: Options, dtype: str) -> None:
+    """What a build refuses whatever the machine (tested on CPU)."""
     if dtype not in TOLERANCE:
         raise ValueError(f"tensorrt builds take dtype {', '.join(TOLERANCE)}, got {dtype!r}")
+    if dtype == "bfloat16" and options.refittable:
+        raise ValueError("refittable=True takes dtype float32 or float16: the weight map a refit uses cannot hold "
+                         "bfloat16 initializers yet; build bf16 engines without refittable (a LoRA swap then "
+                         "rebuilds) or refittable fp16 ones")
+
+
+def check_available(options: Options, dtype: str) -> None:
+    check_settings(options, dtype)
+    trt = _require_trt()
+    require("onnx", NAME, "onnx")  # plans are built from the ONNX export
     if dtype == "bfloat16" and not hasattr(trt.DataType, "BF16"):
         raise ValueError(f"TensorRT {trt.__version__} has no bfloat16 (DataType.BF16 came in TensorRT 9): build "
                          "with dtype='float16'")

@@ -88,40 +88,52 @@ def weight_map(onnx_path: Path, graph: torch.nn.Module, spec=None, exporter: str
             "constants": constants, "unmatched": unmatched}
 
 
-# A mantissa bit per float width: XOR with it changes every value and, done twice, restores it exactly.
+# A mantissa bit per float width: XOR with it changes every normal value by a third or more and, done twice,
+# restores it exactly. Zeros and subnormals would move by next to nothing: those parameters are cloned instead.
 _FLIP = {torch.float64: (torch.int64, 1 << 51), torch.float32: (torch.int32, 1 << 22),
          torch.float16: (torch.int16, 1 << 9), torch.bfloat16: (torch.int16, 1 << 6)}
 
 
-def _flip_parameters(params) -> None:
-    with torch.no_grad():
-        for p in params:
-            int_dtype, bit = _FLIP[p.dtype]
-            p.view(int_dtype).bitwise_xor_(bit)
+def _flip(p) -> None:
+    int_dtype, bit = _FLIP[p.dtype]
+    p.view(int_dtype).bitwise_xor_(bit)
 
 
 def _independent_of_parameters(graph, spec, first: dict, exporter: str, opset: int, onnx_path: Path) -> list[str]:
     """Those initializers of `first` ({name: (shape, digest)}) whose values are the same in an export of `graph`
-    with every parameter changed. The change is made in place and undone exactly (a bit flipped twice), so that no
-    copy of the weights is needed."""
+    with every parameter changed. The change is made in place and undone exactly: a mantissa bit flipped twice, or
+    for parameters holding zeros (adaLN-Zero, zero convolutions) a scaled and shifted value put back from a copy,
+    so that no copy of the model is needed."""
     import tempfile
 
     from .onnx import export_onnx, initializer_digests
 
     unique = {}
     for p in graph_parameters(graph).values():
-        if p.dtype in _FLIP:
-            unique.setdefault((p.data_ptr(), p.dtype, p.shape), p)  # tied parameters flipped once
-    params = list(unique.values())
-    _flip_parameters(params)
+        unique.setdefault((p.data_ptr(), p.dtype, p.shape), p)  # tied parameters changed once
+    flipped, saved = [], []
     try:
+        with torch.no_grad():
+            for p in unique.values():
+                if not p.is_floating_point():
+                    continue
+                if p.dtype in _FLIP and not bool((p.abs() < torch.finfo(p.dtype).tiny).any()):
+                    _flip(p)
+                    flipped.append(p)
+                else:
+                    saved.append((p, p.detach().clone()))
+                    p.mul_(1.5).add_(0.25)
         with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as tmp:
             path = Path(tmp) / "perturbed.onnx"
             export_onnx(graph, spec, path, exporter=exporter, opset=opset)
             again = {name: (shape, digest) for name, _, shape, digest in initializer_digests(path, hashlib.sha1)
                      if name in first}
     finally:
-        _flip_parameters(params)
+        with torch.no_grad():
+            for p in flipped:
+                _flip(p)
+            for p, value in saved:
+                p.copy_(value)
     return [n for n in first if n in again and again[n] == first[n]]
 
 
