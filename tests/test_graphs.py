@@ -202,3 +202,28 @@ def test_tensorrt_refuses_refittable_bf16_on_any_machine():
         tensorrt.check_settings(tensorrt.Options(refittable=True), "bfloat16")
     with pytest.raises(ValueError, match="tensorrt builds take dtype float32, float16, bfloat16, got 'int8'"):
         tensorrt.check_settings(tensorrt.Options(), "int8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_parameter_change_moves_every_value_and_is_undone_exactly(dtype):
+    """The constants check's in-place change: every normal value moves by at least a quarter, zeros and
+    subnormals to a normal value (whether few, most or all of a tensor), and the undo restores every bit."""
+    from dcaccel.graphs.weights import _change, _restore
+
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for case in ("random", "few zeros", "subnormals and zeros", "all zeros"):
+        p = torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)
+        if case == "few zeros":
+            p[::300] = 0
+        elif case == "subnormals and zeros":
+            p[:5], p[5:700] = torch.finfo(dtype).tiny / 4, 0
+        elif case == "all zeros":
+            p.zero_()
+        orig = p.clone()
+        with torch.no_grad():
+            undo = _change(p)
+            moved = (p.float() - orig.float()).abs()
+            small = orig.abs() < torch.finfo(dtype).tiny
+            assert (moved[~small] >= 0.24 * orig.float().abs()[~small]).all() and (moved[small] >= 0.2).all(), case
+            _restore(p, undo)
+        assert torch.equal(p.view(bits), orig.view(bits)), case

@@ -88,8 +88,9 @@ def weight_map(onnx_path: Path, graph: torch.nn.Module, spec=None, exporter: str
             "constants": constants, "unmatched": unmatched}
 
 
-# A mantissa bit per float width: XOR with it changes every normal value by a third or more and, done twice,
-# restores it exactly. Zeros and subnormals would move by next to nothing: those parameters are cloned instead.
+# A mantissa bit per float width: XOR with it changes every normal value by a quarter or more and, done twice,
+# restores it exactly. Zeros and subnormals would move by next to nothing (a subnormal that `w + 1` absorbs):
+# those elements are set to a normal value and put back from what was kept of them.
 _FLIP = {torch.float64: (torch.int64, 1 << 51), torch.float32: (torch.int32, 1 << 22),
          torch.float16: (torch.int16, 1 << 9), torch.bfloat16: (torch.int16, 1 << 6)}
 
@@ -99,11 +100,36 @@ def _flip(p) -> None:
     p.view(int_dtype).bitwise_xor_(bit)
 
 
+def _change(p):
+    """Change every value of parameter `p` in place; returns what _restore needs to put it back exactly: the places
+    of its zeros and subnormals (indices, or a mask where there are many) and their values unless all are 0."""
+    flat = p.view(-1)
+    small = flat.abs() < torch.finfo(p.dtype).tiny
+    count = int(small.sum())
+    where = None
+    if count:
+        where = small.nonzero().squeeze(1) if 8 * count < flat.numel() else small
+        kept = flat[where]
+        kept = kept.clone() if bool((kept != 0).any()) else None
+    del small
+    _flip(p)
+    if where is None:
+        return None
+    flat[where] = 0.25
+    return where, kept
+
+
+def _restore(p, undo) -> None:
+    _flip(p)
+    if undo is not None:
+        where, kept = undo
+        p.view(-1)[where] = 0.0 if kept is None else kept
+
+
 def _independent_of_parameters(graph, spec, first: dict, exporter: str, opset: int, onnx_path: Path) -> list[str]:
     """Those initializers of `first` ({name: (shape, digest)}) whose values are the same in an export of `graph`
-    with every parameter changed. The change is made in place and undone exactly: a mantissa bit flipped twice, or
-    for parameters holding zeros (adaLN-Zero, zero convolutions) a scaled and shifted value put back from a copy,
-    so that no copy of the model is needed."""
+    with every parameter changed. The change is made in place and undone exactly (a mantissa bit flipped twice;
+    zeros and subnormals set to a normal value and put back), so that no copy of the weights is needed."""
     import tempfile
 
     from .onnx import export_onnx, initializer_digests
@@ -111,16 +137,15 @@ def _independent_of_parameters(graph, spec, first: dict, exporter: str, opset: i
     unique = {}
     for p in graph_parameters(graph).values():
         unique.setdefault((p.data_ptr(), p.dtype, p.shape), p)  # tied parameters changed once
-    flipped, saved = [], []
+    changed, saved = [], []
     try:
         with torch.no_grad():
             for p in unique.values():
                 if not p.is_floating_point():
                     continue
-                if p.dtype in _FLIP and not bool((p.abs() < torch.finfo(p.dtype).tiny).any()):
-                    _flip(p)
-                    flipped.append(p)
-                else:
+                if p.dtype in _FLIP and p.is_contiguous():
+                    changed.append((p, _change(p)))
+                else:  # other float widths, or a strided view: changed by value, put back from a copy
                     saved.append((p, p.detach().clone()))
                     p.mul_(1.5).add_(0.25)
         with tempfile.TemporaryDirectory(dir=Path(onnx_path).parent) as tmp:
@@ -130,8 +155,8 @@ def _independent_of_parameters(graph, spec, first: dict, exporter: str, opset: i
                      if name in first}
     finally:
         with torch.no_grad():
-            for p in flipped:
-                _flip(p)
+            for p, undo in changed:
+                _restore(p, undo)
             for p, value in saved:
                 p.copy_(value)
     return [n for n in first if n in again and again[n] == first[n]]
