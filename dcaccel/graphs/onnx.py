@@ -124,6 +124,20 @@ def _external_location(init, base: Path) -> tuple[Path, int, int]:
     return base / info["location"], int(info.get("offset", 0)), int(info.get("length", length))
 
 
+def _external_chunks(init, base: Path):
+    """An external initializer's bytes, read from its file in chunks of at most CHUNK bytes."""
+    src, offset, length = _external_location(init, base)
+    with open(src, "rb") as f:
+        f.seek(offset)
+        left = length
+        while left:
+            chunk = f.read(min(left, CHUNK))
+            if not chunk:
+                raise OSError(f"{src} ends {left} bytes before initializer {init.name}'s data")
+            yield chunk
+            left -= len(chunk)
+
+
 def _stream_external_data(model, source_dir: Path, data_path: Path, location: str) -> None:
     """Move every initializer of `model` over INLINE_BYTES into one file, `data_path` (which `model` then names as
     `location`): external ones copied from their files under source_dir in chunks, inline ones from the proto.
@@ -134,17 +148,10 @@ def _stream_external_data(model, source_dir: Path, data_path: Path, location: st
     with open(data_path, "wb") as out:
         for init in model.graph.initializer:
             if uses_external_data(init):
-                src, offset, length = _external_location(init, source_dir)
+                length = _external_location(init, source_dir)[2]
                 start = out.seek(-(-out.tell() // ALIGN) * ALIGN)
-                with open(src, "rb") as f:
-                    f.seek(offset)
-                    left = length
-                    while left:
-                        chunk = f.read(min(left, CHUNK))
-                        if not chunk:
-                            raise OSError(f"{src} ends {left} bytes before initializer {init.name}'s data")
-                        out.write(chunk)
-                        left -= len(chunk)
+                for chunk in _external_chunks(init, source_dir):
+                    out.write(chunk)
                 del init.external_data[:]
             elif init.ByteSize() >= INLINE_BYTES:
                 raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
@@ -174,16 +181,8 @@ def initializer_digests(path: Path, digest) -> list[tuple[str, np.dtype, tuple, 
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
         h = digest()
         if uses_external_data(init):
-            src, offset, length = _external_location(init, Path(path).parent)
-            with open(src, "rb") as f:
-                f.seek(offset)
-                left = length
-                while left:
-                    chunk = f.read(min(left, CHUNK))
-                    if not chunk:
-                        raise OSError(f"{src} ends before initializer {init.name}'s data")
-                    h.update(chunk)
-                    left -= len(chunk)
+            for chunk in _external_chunks(init, Path(path).parent):
+                h.update(chunk)
         else:
             h.update(np.ascontiguousarray(numpy_helper.to_array(init)).view(np.uint8).reshape(-1).data)
         out.append((init.name, dtype, tuple(init.dims), h.hexdigest()))
